@@ -1,0 +1,126 @@
+"""Self-contained model checkpoints: what `tools/convert_torch_weights.py` and the end of a training stage write,
+and what `ghostvis_jax.load` and the next stage read.
+
+    DIR/params/                Orbax checkpoint of the parameters (nested dict, paths as in the NNX model)
+    DIR/tokenizer/             HF tokenizer files, when known
+    DIR/ghostvis_config.json   the GhostVisConfig; written last, so its presence marks a complete checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
+
+from ghostvis_jax.config import GhostVisConfig
+from ghostvis_jax.model.vlm import GhostVisModel
+
+CONFIG_FILE = "ghostvis_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A model checkpoint folder that is missing, incomplete or does not match its config."""
+
+
+def abstract_model(config: GhostVisConfig, *, dtype=jnp.float32, param_dtype=jnp.float32) -> GhostVisModel:
+    """The model with ShapeDtypeStruct leaves: shapes without memory (the 1.5B model costs nothing)."""
+    return nnx.eval_shape(lambda: GhostVisModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+
+def flat_param_shapes(config: GhostVisConfig) -> dict[tuple, tuple[int, ...]]:
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return {path: tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def save_model(out_dir: str, config: GhostVisConfig, params: dict, *, tokenizer_dir: str | None = None) -> None:
+    """params: nested dict (nnx pure dict) or flat {path tuple: array}. Overwrites `out_dir` contents."""
+    if params and all(isinstance(k, tuple) for k in params):
+        params = traverse_util.unflatten_dict(params)
+    _check_finite(params)
+    os.makedirs(out_dir, exist_ok=True)
+    config_path = os.path.join(out_dir, CONFIG_FILE)
+    if os.path.exists(config_path):
+        os.remove(config_path)  # the folder is incomplete until the new config is written
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(os.path.join(out_dir, PARAMS_DIR)), params, force=True)
+    checkpointer.wait_until_finished()
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
+    if jax.process_index() == 0:
+        tmp = config_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(config.to_json())
+        os.replace(tmp, config_path)
+
+
+def copy_tokenizer(src: str, dst: str) -> bool:
+    names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src, n))]
+    if not names:
+        return False
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+    return True
+
+
+def _check_finite(params: dict) -> None:
+    for path, x in traverse_util.flatten_dict(params).items():
+        x = np.asarray(jax.device_get(x), dtype=np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) \
+            or str(np.asarray(x).dtype) == "bfloat16" else None
+        if x is not None and not np.all(np.isfinite(x)):
+            raise CheckpointError(f"refusing to write non-finite parameter {'/'.join(map(str, path))}")
+
+
+def read_config(path: str) -> GhostVisConfig:
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: incomplete checkpoint — {CONFIG_FILE} is missing (a save that did not "
+                              f"finish, or not a GhostVis checkpoint)")
+    with open(config_path) as f:
+        return GhostVisConfig.from_dict(json.load(f))
+
+
+def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, shardings=None) -> dict:
+    """Nested pure dict of parameters cast to `param_dtype`; `shardings` (same tree) places them."""
+    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{path}: no {PARAMS_DIR}/ folder")
+    abstract = nnx.to_pure_dict(nnx.state(abstract_model(config, param_dtype=param_dtype), nnx.Param))
+    if shardings is not None:
+        abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          abstract, shardings)
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir, abstract)
+    except Exception as e:  # noqa: BLE001 — orbax raises many types for a tree that does not match
+        raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE} or are unreadable: {e}") from None
+    for p, x in traverse_util.flatten_dict(params).items():
+        if not bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))):
+            raise CheckpointError(f"{path}: parameter {'/'.join(map(str, p))} holds NaN or Inf")
+    return params
+
+
+def load_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[GhostVisConfig, GhostVisModel]:
+    config = read_config(path)
+    params = load_params(path, config, param_dtype=param_dtype)
+    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return config, model
+
+
+def tokenizer_path(path: str) -> str | None:
+    p = os.path.join(path, TOKENIZER_DIR)
+    return p if os.path.isdir(p) else None

@@ -1,0 +1,56 @@
+"""The one attention entry point: cuDNN flash attention on GPU where the shape allows, XLA otherwise.
+
+Layout everywhere: q [B, T, N, H], k/v [B, S, K, H] with K dividing N (grouped-query attention).
+`mask` is boolean, True = may attend, broadcastable to [B, N, T, S].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("cudnn", "xla", "naive")
+
+
+def pick_implementation(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str:
+    """cuDNN's fused kernel needs a GPU, half precision, a head dim it supports and no explicit mask."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    head_dim = q.shape[-1]
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or head_dim > 128:
+        return "xla"
+    if mask is not None or q.shape[1] == 1:
+        return "xla"
+    return "cudnn"
+
+
+def naive_attention(q, k, v, *, causal: bool, mask=None, scale: float | None = None) -> jax.Array:
+    """Reference: repeat kv heads, softmax in float32. Used by tests and as the readable definition."""
+    num_heads, num_kv = q.shape[2], k.shape[2]
+    k = jnp.repeat(k, num_heads // num_kv, axis=2)
+    v = jnp.repeat(v, num_heads // num_kv, axis=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    allowed = jnp.ones(logits.shape, bool)
+    if causal:
+        t, s = q.shape[1], k.shape[1]
+        allowed = allowed & (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])
+    if mask is not None:
+        allowed = allowed & mask
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
+def attention(q, k, v, *, causal: bool, mask=None, scale: float | None = None,
+              implementation: str | None = None) -> jax.Array:
+    impl = implementation or pick_implementation(q, k, mask)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "naive":
+        return naive_attention(q, k, v, causal=causal, mask=mask, scale=scale)
+    if causal and mask is not None:
+        t, s = q.shape[1], k.shape[1]
+        mask = mask & (jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :])
+        causal = False
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal, implementation=impl)

@@ -1,0 +1,81 @@
+"""Small NNX building blocks shared by the decoder, the tower and the adapters.
+
+Every parameter carries `logical_axes` metadata; `ghostvis_jax.sharding` maps those names onto mesh axes.
+Parameters are stored in `param_dtype` (float32 master weights by default) and cast to `dtype` for compute.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel is [in, out] (the transpose of torch's Linear.weight)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32, std: float | None = None):
+        std = in_features ** -0.5 if std is None else std
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, dim]; `attend` gives tied LM-head logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), 0.02, param_dtype),
+                                   logical_axes=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2 RMSNorm: normalize in float32, cast back, then scale (HF's order of operations)."""
+
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), logical_axes=("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)

@@ -1,0 +1,133 @@
+"""The Qwen2 / Qwen2.5 decoder: embedding, RMSNorm, RoPE, grouped-query attention with q/k/v biases,
+SwiGLU MLP, tied or untied LM head. Layers are unrolled so any suffix of them can be trained alone.
+
+A fixed-size KV cache is optional: pass `cache` (one {"k", "v"} dict of [B, S, K, H] per layer) and
+`cache_index` (where the T new tokens are written) and an explicit attention `mask` [B, 1, T, S].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ghostvis_jax.config import QwenConfig
+from ghostvis_jax.model.attention import attention
+from ghostvis_jax.model.layers import Dense, Embed, RMSNorm
+
+KVCache = list[dict[str, jax.Array]]
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, head_dim] in HF's layout (the frequency table repeated twice, not interleaved)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H]; HF `rotate_half`: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, h = cfg.hidden_size, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Dense(d, cfg.num_heads * h, use_bias=True, axes=("embed", "heads"), **kw)
+        self.k_proj = Dense(d, cfg.num_kv_heads * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Dense(d, cfg.num_kv_heads * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Dense(cfg.num_heads * h, d, use_bias=False, axes=("heads", "embed"), **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
+        self.attn_impl: str | None = None
+
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            cache = {"k": k, "v": v}
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=False, mask=mask,
+                            implementation=self.attn_impl)
+        else:
+            out = attention(q, k, v, causal=True, mask=mask, implementation=self.attn_impl)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Dense(d, i, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(d, i, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(i, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2Layer(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.self_attn = Qwen2Attention(cfg, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = Qwen2MLP(cfg, rngs=rngs, **kw)
+
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class Qwen2Decoder(nnx.Module):
+    def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = nnx.List([Qwen2Layer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), rngs=rngs, std=0.02, **kw)
+        # jax.checkpoint policy applied around each layer in training (None: keep every activation).
+        self.remat_policy = None
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None, mask=None,
+                 cache: KVCache | None = None, cache_index=None) -> tuple[jax.Array, KVCache | None]:
+        """x: input embeddings [B, T, D] → final-normed hidden states [B, T, D] (and the updated cache)."""
+        b, t, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache is not None else None
+            if self.remat_policy is not None and cache is None:
+                x, _ = nnx.remat(lambda lyr, y, c, s: lyr(y, c, s, mask), policy=self.remat_policy)(layer, x, cos, sin)
+            else:
+                x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+
+def init_kv_cache(cfg: QwenConfig, batch: int, length: int, dtype=jnp.bfloat16) -> KVCache:
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]

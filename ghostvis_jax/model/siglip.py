@@ -1,0 +1,91 @@
+"""The SigLIP vision tower as in HF `SiglipVisionModel`, returning patch tokens (no pooling head).
+
+Input: channels-last normalized pixels [B, H, W, 3]. Output: [B, num_patches, hidden].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ghostvis_jax.config import SiglipConfig
+from ghostvis_jax.model.attention import attention
+from ghostvis_jax.model.layers import Dense, LayerNorm, _normal
+
+
+class SiglipAttention(nnx.Module):
+    def __init__(self, cfg: SiglipConfig, *, rngs, dtype, param_dtype):
+        d = cfg.hidden_size
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Dense(d, d, axes=("embed", "heads"), **kw)
+        self.k_proj = Dense(d, d, axes=("embed", "heads"), **kw)
+        self.v_proj = Dense(d, d, axes=("embed", "heads"), **kw)
+        self.out_proj = Dense(d, d, axes=("heads", "embed"), **kw)
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        self.attn_impl: str | None = None
+
+    def __call__(self, x):
+        b, p, d = x.shape
+        split = lambda y: y.reshape(b, p, self.num_heads, self.head_dim)
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), causal=False,
+                        implementation=self.attn_impl)
+        return self.out_proj(out.reshape(b, p, d))
+
+
+class SiglipMLP(nnx.Module):
+    def __init__(self, cfg: SiglipConfig, *, rngs, dtype, param_dtype):
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class SiglipEncoderLayer(nnx.Module):
+    def __init__(self, cfg: SiglipConfig, *, rngs, dtype, param_dtype):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+        self.self_attn = SiglipAttention(cfg, rngs=rngs, **kw)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+        self.mlp = SiglipMLP(cfg, rngs=rngs, **kw)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipVisionTower(nnx.Module):
+    def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = cfg
+        # Conv2d(c, d, kernel=stride=p) as a [p, p, c, d] kernel applied to non-overlapping patches.
+        self.patch_kernel = nnx.Param(_normal(rngs, (p, p, c, d), (p * p * c) ** -0.5, param_dtype),
+                                      logical_axes=(None, None, None, "embed"))
+        self.patch_bias = nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("embed",))
+        self.position_embedding = nnx.Param(_normal(rngs, (cfg.num_patches, d), 0.02, param_dtype),
+                                            logical_axes=(None, "embed"))
+        self.layers = nnx.List([SiglipEncoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.post_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
+        self.dtype = dtype
+
+    def patchify(self, pixel_values: jax.Array) -> jax.Array:
+        """[B, H, W, C] → [B, (H/p)·(W/p), p·p·C] in (row, col, channel) order, patches row-major."""
+        b, h, w, c = pixel_values.shape
+        p = self.config.patch_size
+        if h != self.config.image_size or w != self.config.image_size or c != self.config.num_channels:
+            raise ValueError(f"pixel_values shape {pixel_values.shape} does not match the tower "
+                             f"({self.config.image_size}x{self.config.image_size}x{self.config.num_channels})")
+        x = pixel_values.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        patches = self.patchify(pixel_values).astype(self.dtype)
+        kernel = self.patch_kernel[...].reshape(-1, self.config.hidden_size).astype(self.dtype)
+        x = jnp.dot(patches, kernel) + self.patch_bias[...].astype(self.dtype)
+        x = x + self.position_embedding[...].astype(self.dtype)
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
