@@ -78,8 +78,10 @@ class SiglipVisionTower(nnx.Module):
         if h != self.config.image_size or w != self.config.image_size or c != self.config.num_channels:
             raise ValueError(f"pixel_values shape {pixel_values.shape} does not match the tower "
                              f"({self.config.image_size}x{self.config.image_size}x{self.config.num_channels})")
-        x = pixel_values.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, (h // p) * (w // p), p * p * c)
+        gh, gw = h // p, w // p
+        # A stride-p convolution ignores the remainder pixels (384 = 27·14 + 6 for So400m/14).
+        x = pixel_values[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, gh * gw, p * p * c)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         patches = self.patchify(pixel_values).astype(self.dtype)

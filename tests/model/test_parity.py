@@ -128,3 +128,13 @@ def test_avgpool_resampler_matches_torch_adaptive_pool():
     want = torch.nn.functional.adaptive_avg_pool2d(grid, 8).permute(0, 2, 3, 1).reshape(2, 64, 8).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not nnx.state(pool, nnx.Param)
+
+
+def test_tower_with_remainder_pixels_matches_hf(tiny, tmp_path):
+    """36 px with 8 px patches: like So400m/14 at 384 px, the convolution drops the remainder."""
+    siglip = tiny_models.build_siglip(str(tmp_path / "siglip36"), image_size=36)
+    convert(str(tiny["root"] / "qwen"), str(tmp_path / "siglip36"), str(tmp_path / "ckpt"),
+            resampler=ResamplerConfig(num_latents=NUM_LATENTS, num_heads=4), projector=ProjectorConfig(hidden_size=48))
+    px = np.random.default_rng(6).normal(size=(2, 36, 36, 3)).astype(np.float32)
+    want = siglip(pixel_values=torch.as_tensor(px).permute(0, 3, 1, 2)).last_hidden_state.detach().numpy()
+    assert rel_err(gv.load(str(tmp_path / "ckpt")).vision_features(px), want) <= 1e-4
