@@ -202,8 +202,10 @@ class SyntheticSource:
         return self.num_examples
 
     def __getitem__(self, index: int) -> dict:
-        return make_example(self.task, int(index) % self.num_examples, seed=self.seed, split=self.split,
+        conv = make_example(self.task, int(index) % self.num_examples, seed=self.seed, split=self.split,
                             image_size=self.image_size)
+        conv["dataset"] = self.name
+        return conv
 
     def __repr__(self) -> str:
         return (f"SyntheticSource({self.task!r}, split={self.split!r}, num_examples={self.num_examples}, "
