@@ -14,3 +14,11 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tokenizer):
+    from ghostvis_jax.config import GhostVisConfig, ResamplerConfig, SiglipConfig
+
+    return GhostVisConfig(vision=SiglipConfig(image_size=16), resampler=ResamplerConfig(num_latents=4),
+                          image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))

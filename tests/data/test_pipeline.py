@@ -1,0 +1,156 @@
+import dataclasses
+import json
+import pickle
+
+import grain
+import numpy as np
+import pytest
+
+from ghostvis_jax.data import pipeline
+from ghostvis_jax.data.batching import ImageBudgetBatchIterDataset
+
+DATA = {"recipe": "synthetic_sft", "batch_size": 4, "max_length": 48, "num_threads": 2,
+        "prefetch_buffer_size": 4, "token_estimate_samples": 32,
+        "synthetic": {"num_examples": 200, "eval_examples": 12}}
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_contract(tokenizer, tiny_model_config):
+    it = pipeline.make_train_iterator(DATA, tokenizer, tiny_model_config, seed=0, process_index=0, process_count=1)
+    b = next(it)
+    assert b["input_ids"].shape == (4, 48) and b["input_ids"].dtype == np.int32
+    assert b["targets"].shape == (4, 48) and b["targets"].dtype == np.int32
+    assert b["loss_mask"].shape == (4, 48) and b["loss_mask"].dtype == np.float32
+    assert b["pixel_values"].shape == (4, 16, 16, 3) and b["pixel_values"].dtype == np.float32
+    assert b["num_images"].tolist() == [1, 1, 1, 1]
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ((b["input_ids"] == image_pad).sum(1) == 4 * b["num_images"]).all()
+    np.testing.assert_array_equal(b["targets"][:, :-1], b["input_ids"][:, 1:])
+    assert (b["loss_mask"][b["targets"] == image_pad] == 0).all()
+    assert (b["loss_mask"].sum(1) > 0).all()
+
+
+def test_same_seed_same_batches_and_other_seed_differs(tokenizer, tiny_model_config):
+    make = lambda seed: pipeline.make_train_iterator(  # noqa: E731
+        DATA, tokenizer, tiny_model_config, seed=seed, process_index=0, process_count=1)
+    a, b, c = _take(make(3), 5), _take(make(3), 5), _take(make(4), 5)
+    _assert_same(a, b)
+    assert not all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
+
+
+def test_resume_from_saved_state_gives_identical_batches(tokenizer, tiny_model_config):
+    it = pipeline.make_train_iterator(DATA, tokenizer, tiny_model_config, seed=1, process_index=0, process_count=1)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # what the trainer stores through Orbax
+    following = _take(it, 4)
+    resumed = pipeline.make_train_iterator(DATA, tokenizer, tiny_model_config, seed=1, process_index=0,
+                                           process_count=1)
+    resumed.set_state(state)
+    _assert_same(following, _take(resumed, 4))
+    assert resumed.counts()["rows"] == it.counts()["rows"]
+    other = pipeline.make_train_iterator(DATA, tokenizer, tiny_model_config, seed=2, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="different data config"):
+        other.set_state(state)
+
+
+def test_two_processes_see_disjoint_shards(tokenizer):
+    cfg = pipeline.resolve_data_config(DATA)
+    ids = []
+    for p in range(2):
+        mix, _ = pipeline.build_mixture(cfg, tokenizer, seed=0, process_index=p, process_count=2, image_size=16)
+        ids.append({mix[i]["id"] for i in range(300)})
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    for p in range(2):
+        held = pipeline.eval_conversations(DATA, process_index=p, process_count=2, image_size=16)
+        ids.append({c["id"] for c in held})
+    assert not ids[2] & ids[3] and len(ids[2] | ids[3]) == 4 * 12
+    assert all("/heldout/" in i for i in ids[2])
+
+
+def test_eval_iterator_single_pass_with_padded_last_batch(tokenizer, tiny_model_config):
+    cfg = dict(DATA, batch_size=5)
+    batches = list(pipeline.make_eval_iterator(cfg, tokenizer, tiny_model_config, process_index=0, process_count=1))
+    rows = sum(int((b["loss_mask"].sum(1) > 0).sum()) for b in batches)
+    assert rows == 48 and len(batches) == 10
+    last = batches[-1]
+    assert last["num_images"].tolist() == [1, 1, 1, 0, 0] and last["loss_mask"][3:].sum() == 0
+
+
+def test_image_token_id_mismatch_is_an_error(tokenizer, tiny_model_config):
+    bad = dataclasses.replace(tiny_model_config, image_token_id=151655)
+    with pytest.raises(ValueError, match="image_token_id"):
+        pipeline.make_train_iterator(DATA, tokenizer, bad, seed=0, process_index=0, process_count=1)
+
+
+def test_prepare_transform_is_picklable_for_worker_processes(tokenizer, tiny_model_config):
+    from ghostvis_jax.data.batching import ImageSpec, PrepareExample
+    from ghostvis_jax.data import synthetic
+
+    prep = PrepareExample(tokenizer, ImageSpec.from_vision_config(tiny_model_config.vision), 4, 48)
+    clone = pickle.loads(pickle.dumps(prep))
+    ex = synthetic.make_example("shapes_vqa", 0, image_size=16)
+    a, b = prep.random_map(ex, np.random.default_rng(0)), clone.random_map(ex, np.random.default_rng(0))
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+# ---- the image-budget batcher on rows with 0..3 images (and one with too many) --------------------------
+
+def _rows(n_rows=40, T=6, H=2):
+    rng = np.random.default_rng(0)
+    out = []
+    for r in range(n_rows):
+        n = int(rng.choice([0, 1, 1, 2, 3])) if r != 7 else 5  # row 7 can never fit a budget of 4
+        out.append({"input_ids": np.full((T,), r, np.int32), "targets": np.full((T,), r, np.int32),
+                    "loss_mask": np.ones((T,), np.float32),
+                    "pixel_values": np.stack([np.full((H, H, 3), r * 10 + j, np.float32) for j in range(n)])
+                    if n else np.zeros((0, H, H, 3), np.float32),
+                    "num_images": n, "dataset": "fixture"})
+    return out
+
+
+def _batcher(rows):
+    parent = grain.MapDataset.source(rows).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    return ImageBudgetBatchIterDataset(parent, batch_size=4, max_images=4, max_length=6, image_size=2, pad_id=0)
+
+
+def test_image_budget_keeps_order_carries_over_and_drops_oversized():
+    rows = _rows()
+    batches = list(_batcher(rows))
+    seen = []
+    for b in batches:
+        assert b["pixel_values"].shape == (4, 2, 2, 3) and b["num_images"].sum() <= 4
+        k = 0
+        for row_ids, n in zip(b["input_ids"][:, 0], b["num_images"]):
+            for j in range(n):  # images are in slot order: row-major, then within the row
+                assert b["pixel_values"][k, 0, 0, 0] == row_ids * 10 + j
+                k += 1
+        assert (b["pixel_values"][k:] == 0).all()
+        seen += [int(r) for r, m in zip(b["input_ids"][:, 0], b["loss_mask"].sum(1)) if m > 0]
+    assert seen == [r for r in range(40) if r != 7]  # nothing lost, nothing reordered
+    it = iter(_batcher(rows))
+    list(it)
+    assert it.counts()["dropped"] == {"fixture": {"more images than max_images_per_batch": 1}}
+    assert it.counts()["padding_rows"] > 0  # carry-overs left some batches short
+
+
+def test_image_budget_resume_at_every_batch_boundary():
+    rows = _rows()
+    full = list(_batcher(rows))
+    it = iter(_batcher(rows))
+    for i in range(len(full)):
+        state = json.loads(json.dumps(it.get_state()))
+        fresh = iter(_batcher(rows))
+        fresh.set_state(state)
+        _assert_same(full[i:], list(fresh))
+        next(it)
