@@ -158,13 +158,15 @@ def answer_token_shares(tokens_per_dataset: dict[str, float]) -> dict[str, float
     return {k: (v / total if total else 0.0) for k, v in tokens_per_dataset.items()}
 
 
-def format_mix_report(target_weights: dict[str, float], tokens_per_dataset: dict[str, float],
-                      rows_per_dataset: dict[str, int] | None = None) -> str:
-    """A small table: dataset, target share, achieved answer-token share, rows."""
-    shares = answer_token_shares(tokens_per_dataset)
-    lines = [f"{'dataset':28s} {'target':>7s} {'achieved':>9s} {'rows':>8s}"]
-    for name, w in target_weights.items():
-        rows = (rows_per_dataset or {}).get(name, 0)
-        lines.append(f"{name:28s} {w:7.3f} {shares.get(name, 0.0):9.3f} {rows:8d}")
-    return "\n".join(lines)
+def format_mix_report(target_weights: dict[str, float], counts: dict) -> str:
+    """A table per dataset: target share, achieved answer-token share, rows used, rows skipped / dropped.
 
+    `counts` is a data iterator's `counts()` (keys rows, answer_tokens, skipped, dropped)."""
+    shares = answer_token_shares(counts.get("answer_tokens", {}))
+    lines = [f"{'dataset':28s} {'target':>7s} {'achieved':>9s} {'rows':>8s} {'skipped':>8s} {'dropped':>8s}"]
+    for name, w in target_weights.items():
+        skipped = sum(counts.get("skipped", {}).get(name, {}).values())
+        dropped = sum(counts.get("dropped", {}).get(name, {}).values())
+        lines.append(f"{name:28s} {w:7.3f} {shares.get(name, 0.0):9.3f} {counts.get('rows', {}).get(name, 0):8d} "
+                     f"{skipped:8d} {dropped:8d}")
+    return "\n".join(lines)

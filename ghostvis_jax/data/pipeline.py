@@ -165,8 +165,8 @@ class DataIterator:
         return self._it.counts()
 
     def mix_report(self) -> str:
-        c = self.counts()
-        return mixing.format_mix_report(self.info.get("weights", {}), c["answer_tokens"], c["rows"])
+        """Target vs achieved answer-token shares and skip / drop counts, per dataset (for the training log)."""
+        return mixing.format_mix_report(self.info.get("weights", {}), self.counts())
 
 
 def build_mixture(cfg: dict[str, Any], tokenizer, *, seed: int, process_index: int, process_count: int,
@@ -266,4 +266,5 @@ def make_eval_iterator(data_config: Any, tokenizer, model_config, *, process_ind
         _to_iter(ds.random_map(prepare, seed=0), cfg), batch_size=batch_size,
         max_images=cfg["max_images_per_batch"], max_length=cfg["max_length"], image_size=image_spec.image_size,
         pad_id=prepare.pad_id, fingerprint=fingerprint)
-    return DataIterator(batched, {"datasets": list(cfg["datasets"])})
+    info = {"datasets": list(cfg["datasets"]), "weights": recipes.normalized_weights(cfg["datasets"])}
+    return DataIterator(batched, info)

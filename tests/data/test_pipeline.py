@@ -154,3 +154,20 @@ def test_image_budget_resume_at_every_batch_boundary():
         fresh.set_state(state)
         _assert_same(full[i:], list(fresh))
         next(it)
+
+
+def test_worker_processes_match_threads_and_resume(tokenizer, tiny_model_config):
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    workers = dict(DATA, worker_count=1, worker_buffer_size=2)
+    threads = pipeline.make_train_iterator(DATA, tokenizer, tiny_model_config, seed=5, process_index=0,
+                                           process_count=1)
+    it = pipeline.make_train_iterator(workers, tokenizer, tiny_model_config, seed=5, process_index=0, process_count=1)
+    expected = _take(threads, 5)
+    _assert_same(expected[:2], _take(it, 2))
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = pipeline.make_train_iterator(workers, tokenizer, tiny_model_config, seed=5, process_index=0,
+                                           process_count=1)
+    resumed.set_state(state)
+    _assert_same(expected[2:], _take(resumed, 3))
