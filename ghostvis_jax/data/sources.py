@@ -113,7 +113,7 @@ class TaskSource:
             self._adapter, needs_root = src.adapter, src.needs_image_root
         if needs_root and not image_root:
             raise ValueError(f"dataset {name!r} needs `image_root` (the folder its image file names are under)")
-        self.image_root = image_root
+        self.image_root, self.path = image_root, path
         self._rows = rows if rows is not None else load_hf_dataset(
             name, split, path=path, hub_id=hub_id, hub_config=hub_config, hub_split=hub_split)
         if len(self._rows) == 0:
@@ -164,7 +164,7 @@ class TaskSource:
         return convs, skipped
 
     def __repr__(self) -> str:
-        return f"TaskSource({self.name!r}, split={self.split!r}, rows={len(self)})"
+        return f"TaskSource({self.name!r}, split={self.split!r}, path={self.path!r}, rows={len(self)})"
 
 
 def _image_name(dataset: str, index: int, image: Any) -> str:
