@@ -1,4 +1,4 @@
-"""The Python API: `gv.load(DIR)` → a `GhostVis` with forward / vision_features / encode_images (/ generate)."""
+"""The Python API: `gv.load(DIR)` → a `GhostVis` with forward / vision_features / encode_images / generate."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ class GhostVis:
         self._forward = jax.jit(lambda s, ids, px: nnx.merge(graphdef, s)(ids, px))
         self._features = jax.jit(lambda s, px: nnx.merge(graphdef, s).vision_features(px))
         self._encode = jax.jit(lambda s, px: nnx.merge(graphdef, s).encode_images(px))
+        from ghostvis_jax.generate.image_cache import ImageEmbeddingCache
+
+        self.image_cache = ImageEmbeddingCache()  # used by generate; `.info()` shows hits / misses
 
     def forward(self, input_ids, pixel_values=None) -> jax.Array:
         """int [B, T] (+ [num_images, H, W, 3] for the images whose slots the tokens hold) → logits [B, T, V]."""
@@ -48,6 +51,21 @@ class GhostVis:
         from ghostvis_jax.data.images import preprocess_image
 
         return np.stack([preprocess_image(img, self.config.vision) for img in images]).astype(np.float32)
+
+    def generate(self, prompts, images=None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, **kwargs):
+        """Replies to prompts with a KV cache: a list of str (of `Generation`s with `return_tokens=True`).
+
+        prompts: a str, a message list, a {"messages", "images"} dict, or a list of those.
+        images: per prompt an image (PIL / path / bytes), a list of them, or None; `<image>` in the text marks
+        where each goes (missing placeholders go at the start of the first user turn).
+        Greedy when temperature is 0; top_k 0 = no limit; sampling is deterministic for a seed.
+        Keyword-only: stop (tokens or ids; default <|im_end|>, <|endoftext|>), system_prompt, return_tokens,
+        stream (a callable (row, text_delta) called as tokens are produced).
+        """
+        from ghostvis_jax.generate import generate
+
+        return generate(self, prompts, images, max_new_tokens, temperature, top_k, top_p, seed, **kwargs)
 
 
 def load(path: str, *, dtype: str = "float32") -> GhostVis:

@@ -1,0 +1,191 @@
+"""Batched decoding over a fixed-size KV cache.
+
+One jitted prefill writes the left-padded prompts (text + image embeddings in their slots) into the cache;
+then one jitted `lax.while_loop` samples a token, feeds it back, and stops when every row has produced a stop
+token or `max_new_tokens` is reached. Streaming runs the same step as a jitted function from Python instead,
+one host round-trip per token.
+
+Shapes are bucketed (batch, prompt length, cache length, image count → powers of two), and max_new_tokens,
+temperature, top-k, top-p and the seed are traced values, so repeated calls reuse the compiled functions.
+
+Left padding: row b's real tokens sit at the end of the prompt block; `valid` marks them. Positions count
+from 0 at each row's first real token; a query attends to valid keys at or before it. Padded queries attend
+only to themselves (their outputs are never used), which keeps every softmax row non-empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ghostvis_jax.generate.sampling import next_tokens
+from ghostvis_jax.model.qwen2 import init_kv_cache
+
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 32
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def arrays(self):
+        return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
+
+
+@dataclasses.dataclass
+class Decoded:
+    tokens: list[int]      # generated tokens, without the stop token
+    finish_reason: str     # "stop" (a stop token) or "length" (max_new_tokens)
+
+
+# ---- jitted pieces (module level: shared by every loaded model with the same structure) ----------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, ids, valid, image_embeds, *, cache_len: int):
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    causal = jnp.tril(jnp.ones((p, p), bool))
+    mask = (causal[None] & valid[:, None, :]) | jnp.eye(p, dtype=bool)[None]
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, cache_len - p)))[:, None]
+    cache = init_kv_cache(model.llm.config, b, cache_len, model.llm.embed_tokens.dtype)
+    hidden, cache = model.hidden_states(ids, image_embeds=image_embeds, positions=positions, mask=mask,
+                                        cache=cache, cache_index=0)
+    logits = model.llm.logits(hidden[:, -1]).astype(jnp.float32)
+    key_valid = jnp.pad(valid, ((0, 0), (0, cache_len - p)))
+    return cache, logits, key_valid
+
+
+def _step(graphdef, state, carry, sampling, stop_ids, prompt_len):
+    """Sample one token per row from `logits`, record it, and run it through the decoder."""
+    cache, logits, out, done, step, key_valid, num_valid, row_keys = carry
+    model = nnx.merge(graphdef, state)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    token = next_tokens(logits, keys, *sampling)
+    out = out.at[:, step].set(jnp.where(done, -1, token))
+    token = jnp.where(done, 0, token)
+    done = done | jnp.isin(token, stop_ids)
+    index = prompt_len + step
+    key_valid = key_valid.at[:, index].set(True)
+    hidden, cache = model.hidden_states(token[:, None], positions=(num_valid + step)[:, None],
+                                        mask=key_valid[:, None, None, :], cache=cache, cache_index=index)
+    logits = model.llm.logits(hidden[:, 0]).astype(jnp.float32)
+    return cache, logits, out, done, step + 1, key_valid, num_valid, row_keys
+
+
+# prompt_len is traced, so the loop compiles once per (batch, cache length), not per prompt bucket.
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("carry",))
+def _decode_loop(graphdef, state, carry, max_new_tokens, sampling, stop_ids, prompt_len):
+    def cond(c):
+        return (c[4] < max_new_tokens) & ~jnp.all(c[3])
+
+    return jax.lax.while_loop(cond, lambda c: _step(graphdef, state, c, sampling, stop_ids, prompt_len), carry)
+
+
+_decode_step = jax.jit(_step, static_argnames=("graphdef",), donate_argnames=("carry",))
+
+
+# ---- host side ----------------------------------------------------------------------------------------------
+
+def left_pad(prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: int):
+    """ids int32 [batch, length] and valid bool [batch, length]; rows past len(prompts) are one pad token."""
+    ids = np.full((batch, length), pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = prompt
+        valid[row, length - len(prompt):] = True
+    valid[len(prompts):, -1] = True
+    return ids, valid
+
+
+def decode(graphdef, state, config, prompts: Sequence[Sequence[int]], image_embeds: jax.Array | None, *,
+           max_new_tokens: int, sampling: Sampling, stop_ids: Sequence[int],
+           on_step: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[Decoded]:
+    """Generate for token-id prompts (`config`: the GhostVisConfig). `image_embeds` [I, N, D] fill the
+    prompts' image slots in order.
+
+    `on_step(tokens [n], done [n])` (streaming) is called after every step with that step's token per row
+    (-1 for rows already finished); without it the whole decode runs on the device.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no prompt may be empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(len(p) for p in prompts)
+    max_positions = config.llm.max_position_embeddings
+    if longest + max_new_tokens > max_positions:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"{max_positions} positions")
+    n = len(prompts)
+    batch = bucket(n)
+    prompt_len = bucket(longest, MIN_PROMPT_BUCKET)
+    cache_len = bucket(prompt_len + max_new_tokens, MIN_CACHE_BUCKET)
+    pad_id = 0 if config.image_token_id != 0 else 1
+    ids, valid = left_pad(prompts, batch, prompt_len, pad_id)
+    if image_embeds is None:
+        image_embeds = jnp.zeros((1, config.num_image_tokens, config.llm.hidden_size), jnp.float32)
+    image_embeds = jnp.asarray(image_embeds, jnp.float32)  # one dtype, one compile; the scatter casts it
+    num_images = image_embeds.shape[0]
+    padded_images = bucket(num_images)
+    if padded_images > num_images:
+        image_embeds = jnp.pad(image_embeds, ((0, padded_images - num_images), (0, 0), (0, 0)))
+
+    cache, logits, key_valid = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), image_embeds,
+                                        cache_len=cache_len)
+    out = jnp.full((batch, cache_len), -1, jnp.int32)  # only the first max_new_tokens columns are used
+    done = jnp.asarray(np.arange(batch) >= n)
+    num_valid = jnp.asarray(valid.sum(axis=1), jnp.int32)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
+    carry = (cache, logits, out, done, jnp.int32(0), key_valid, num_valid, row_keys)
+    stops = jnp.asarray(list(stop_ids) or [-2], jnp.int32)
+    if on_step is None:
+        carry = _decode_loop(graphdef, state, carry, jnp.int32(max_new_tokens), sampling.arrays(), stops,
+                             jnp.int32(prompt_len))
+    else:
+        for step in range(max_new_tokens):
+            carry = _decode_step(graphdef, state, carry, sampling.arrays(), stops, jnp.int32(prompt_len))
+            tokens, done_now = jax.device_get((carry[2][:n, step], carry[3][:n]))
+            on_step(tokens, done_now)
+            if done_now.all():
+                break
+    return _finish(np.asarray(carry[2])[:n, :max_new_tokens], set(stop_ids))
+
+
+def _finish(out: np.ndarray, stop_ids: set[int]) -> list[Decoded]:
+    results = []
+    for row in out:
+        tokens = []
+        reason = "length"
+        for t in row.tolist():
+            if t < 0:
+                break
+            if t in stop_ids:
+                reason = "stop"
+                break
+            tokens.append(t)
+        results.append(Decoded(tokens, reason))
+    return results

@@ -1,0 +1,41 @@
+"""Next-token choice: greedy, or temperature sampling restricted by top-k and top-p (nucleus).
+
+All three knobs are traced scalars, so changing them does not recompile; greedy skips the sort entirely
+(`lax.cond`). Each row draws with its own key, so a row's sample does not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Set to -inf every logit outside the top-k, then outside the smallest prefix whose mass reaches top_p.
+
+    logits [B, V] (already divided by the temperature); top_k <= 0 means no top-k limit; the most likely
+    token is always kept. Ties at a cut-off are kept.
+    """
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab).astype(jnp.int32)
+    within_k = jnp.arange(vocab)[None, :] < k
+    probs = jax.nn.softmax(jnp.where(within_k, sorted_desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = within_k & (mass_before < top_p)
+    num_kept = jnp.maximum(jnp.sum(kept, axis=-1, keepdims=True), 1)
+    cutoff = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def next_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [B, V] float32, keys [B] PRNG keys → int32 [B]. temperature <= 0 is greedy (argmax)."""
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(_):
+        scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, None)

@@ -1,0 +1,148 @@
+"""generate with the KV cache against repeated full forwards, left padding, stops, sampling, streaming, images."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import ghostvis_jax as gv
+from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
+from ghostvis_jax.data.chat import render_prompt
+from ghostvis_jax.data.images import ImageDecodeError
+from ghostvis_jax.generate import decoding
+from ghostvis_jax.generate import filter_logits
+from ghostvis_jax.testing import tiny_models
+from ghostvis_jax.weights.convert import convert
+
+REFERENCE_LEN = 64  # the full-forward reference runs at one padded length, so it compiles once
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "tiny_generate_ckpt"  # shared by the generate/eval/chat tests
+    if not (root / "ckpt" / "ghostvis_config.json").exists():
+        tiny_models.build_qwen(str(root / "qwen"))
+        tiny_models.build_siglip(str(root / "siglip"))
+        convert(str(root / "qwen"), str(root / "siglip"), str(root / "ckpt"),
+                resampler=ResamplerConfig(num_latents=4, num_heads=4), projector=ProjectorConfig(hidden_size=48))
+    return gv.load(str(root / "ckpt"))
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (24 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def greedy_by_full_forwards(model, messages, imgs, num_tokens):
+    """argmax of the full forward (no cache) at the last real position, token after token."""
+    ids = render_prompt(model.tokenizer, messages, model.config.num_image_tokens)
+    px = model.preprocess_images(imgs) if imgs else None
+    out = []
+    for _ in range(num_tokens):
+        seq = np.zeros((1, REFERENCE_LEN), np.int32)  # right padding: causal attention never sees it
+        seq[0, : len(ids)] = ids
+        logits = np.asarray(model.forward(seq, px))
+        out.append(int(np.argmax(logits[0, len(ids) - 1])))
+        ids = ids + [out[-1]]
+    return out
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_greedy_with_cache_equals_full_forwards_text_and_images(model):
+    imgs = images(2)
+    prompts = [user("<image>\nWhat color are the shapes?"), user("How many shapes are there?"),
+               user("Compare <image> with <image>.")]
+    per_prompt = [imgs[:1], None, imgs]
+    got = model.generate(prompts, per_prompt, max_new_tokens=6, stop=[], return_tokens=True)
+    for prompt, imgs_i, g in zip(prompts, per_prompt, got):
+        assert g.token_ids == greedy_by_full_forwards(model, prompt, imgs_i or [], 6)
+        assert g.finish_reason == "length"
+
+
+def test_left_padding_output_does_not_depend_on_the_batch(model):
+    short = "What is in the picture?"
+    alone = model.generate([short], max_new_tokens=8, stop=[], return_tokens=True)[0]
+    batch = model.generate(["Describe the image. " * 4, short, "hi"], max_new_tokens=8, stop=[],
+                           return_tokens=True)
+    assert batch[1].token_ids == alone.token_ids
+    assert batch[0].token_ids != alone.token_ids  # the rows really differ
+
+
+def test_stop_tokens_end_rows_independently_and_max_new_tokens_holds(model):
+    prompts = ["What color are the shapes?", "Write a short caption.", "hi"]
+    free = model.generate(prompts, max_new_tokens=8, stop=[], return_tokens=True)
+    assert all(len(g.token_ids) == 8 and g.finish_reason == "length" for g in free)
+    stop_id = free[0].token_ids[2]
+    stopped = model.generate(prompts, max_new_tokens=8, stop=[stop_id], return_tokens=True)
+    for f, s in zip(free, stopped):
+        if stop_id in f.token_ids:
+            cut = f.token_ids.index(stop_id)
+            assert (s.token_ids, s.finish_reason) == (f.token_ids[:cut], "stop")
+        else:
+            assert (s.token_ids, s.finish_reason) == (f.token_ids, "length")
+    short = model.generate(prompts, max_new_tokens=3, stop=[], return_tokens=True)
+    assert [g.token_ids for g in short] == [f.token_ids[:3] for f in free]
+
+
+def test_repeated_calls_reuse_compiled_functions(model):
+    model.generate(["hi", "What is in the picture?"], max_new_tokens=5)
+    loops, prefills = decoding._decode_loop._cache_size(), decoding._prefill._cache_size()
+    model.generate(["Describe the image.", "a b c"], max_new_tokens=7, temperature=0.7, top_k=3, seed=2)
+    assert (decoding._decode_loop._cache_size(), decoding._prefill._cache_size()) == (loops, prefills)
+
+
+def test_sampling_repeats_for_a_seed_and_top_k_1_is_greedy(model):
+    kw = dict(max_new_tokens=8, stop=[], return_tokens=True)
+    prompts = ["Write a short caption.", "hi"]
+    a = model.generate(prompts, temperature=1.0, top_p=0.9, seed=7, **kw)
+    b = model.generate(prompts, temperature=1.0, top_p=0.9, seed=7, **kw)
+    c = model.generate(prompts, temperature=1.0, top_p=0.9, seed=8, **kw)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    greedy = model.generate(prompts, **kw)
+    top1 = model.generate(prompts, temperature=1.0, top_k=1, seed=3, **kw)
+    assert [g.token_ids for g in top1] == [g.token_ids for g in greedy]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
+    keep = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, np.int32(k), np.float32(p))))[0].tolist()
+    assert keep(2, 1.0) == [False, False, True, True]
+    assert keep(0, 0.4) == [False, False, False, True]   # 0.4 alone reaches 0.4
+    assert keep(0, 0.5) == [False, False, True, True]    # 0.4 < 0.5, so 0.3 joins
+    assert keep(0, 0.75) == [False, True, True, True]
+    assert keep(3, 1.0) == [False, True, True, True]
+
+
+def test_streaming_gives_the_same_text_as_the_device_loop(model):
+    pieces = {}
+    streamed = model.generate(["What is in the picture?", "hi"], max_new_tokens=6,
+                              stream=lambda row, text: pieces.setdefault(row, []).append(text))
+    plain = model.generate(["What is in the picture?", "hi"], max_new_tokens=6)
+    assert streamed == plain
+    assert ["".join(pieces.get(r, [])) for r in range(2)] == plain
+
+
+def test_image_embedding_cache_counts_hits_by_content(model):
+    model.image_cache.clear()
+    img = images(1, seed=5)[0]
+    first = model.generate("<image>\nDescribe the image.", img, max_new_tokens=3, return_tokens=True)
+    assert model.image_cache.info()["misses"] == 1 and model.image_cache.info()["hits"] == 0
+    copy = Image.fromarray(np.asarray(img).copy())
+    again = model.generate("<image>\nDescribe the image.", copy, max_new_tokens=3, return_tokens=True)
+    assert model.image_cache.info() == {"hits": 1, "misses": 1, "size": 1, "capacity": 256}
+    assert again[0].token_ids == first[0].token_ids
+
+
+def test_bad_images_and_placeholder_mismatch_give_clear_errors(model, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ImageDecodeError, match="broken.png"):
+        model.generate("<image>\nWhat is this?", str(bad), max_new_tokens=2)
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        model.generate("<image><image> two?", images(1), max_new_tokens=2)
