@@ -1,0 +1,99 @@
+"""Device mesh, logical-axis rules, and the shardings of parameters, optimizer state and batches.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + every parameter, gradient and optimizer state
+sharded: ZeRO-3), `tensor` (intra-layer model parallel). Parameters carry logical axis names (`logical_axes`
+metadata, see model/layers.py); `LOGICAL_RULES` maps them onto mesh axes. A dimension that a mesh axis does not
+divide is left unsharded rather than padded, so any model runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name → mesh axes it may be sharded over, in order of preference.
+LOGICAL_RULES: dict[str | None, tuple[str, ...]] = {
+    "embed": ("fsdp",),
+    "vocab": ("tensor", "fsdp"),
+    "mlp": ("tensor", "fsdp"),
+    "heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor", "fsdp"),
+    "norm": (),
+    None: (),
+}
+
+
+class MeshConfigError(ValueError):
+    pass
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """Resolve one -1 entry to fill the devices; refuse shapes that do not multiply to the device count."""
+    sizes = [data, fsdp, tensor]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshConfigError(f"mesh sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if sizes.count(-1) > 1:
+        raise MeshConfigError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise MeshConfigError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise MeshConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+                              f"devices, but {num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def spec_for(shape: tuple[int, ...], logical_axes: tuple | None, mesh: Mesh) -> P:
+    """PartitionSpec for one array from its logical names; each mesh axis used at most once."""
+    if not logical_axes:
+        return P()
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, logical_axes):
+        choice = None
+        for axis in LOGICAL_RULES.get(name, ()):
+            size = mesh.shape[axis]
+            if axis not in used and size > 1 and dim % size == 0:
+                choice = axis
+                used.add(axis)
+                break
+        out.append(choice)
+    return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
+    """NamedShardings (same tree as `state`, Variables replaced) from each Variable's logical_axes."""
+    def one(v):
+        return NamedSharding(mesh, spec_for(tuple(v.shape), getattr(v, "logical_axes", None), mesh))
+
+    return jax.tree_util.tree_map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, leading_unsharded: int = 0) -> NamedSharding:
+    """Shard the batch dimension (after `leading_unsharded` dims, e.g. the micro-batch axis) over data x fsdp."""
+    return NamedSharding(mesh, P(*([None] * leading_unsharded), BATCH_AXES, *([None] * (ndim - 1 - leading_unsharded))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

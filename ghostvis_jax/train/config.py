@@ -1,0 +1,104 @@
+"""The training config: every key with its default (the one place shared defaults live), and validation that
+runs before anything is compiled. Experiment files in configs/ start from `base_config()` and override."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from ghostvis_jax.sharding import mesh_shape
+from ghostvis_jax.train.optim import STAGES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "align"                       # align | sft | full
+    c.init = "checkpoint"                   # checkpoint | random (real shapes, random weights: smoke / benchmarks)
+    c.init_checkpoint = ""                  # converted (or previous-stage) model folder
+    c.model_preset = ml_collections.ConfigDict({"llm": "qwen2.5-1.5b", "vision": "siglip-large-patch16-256"})
+    c.tokenizer = ""                        # init=random: tokenizer folder, or "tiny" for the built-in test one
+    c.workdir = ""
+    c.seed = 0
+    c.resume = False
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.num_steps = 1000
+    c.grad_accum_steps = 1                  # micro-batches per step; rows per step = data.batch_size x this x processes
+    c.num_trainable_layers = 4              # sft: the last N decoder layers train
+    c.compute_dtype = "bfloat16"
+    c.frozen_param_dtype = "bfloat16"       # storage of frozen weights; trainable ones keep float32 masters
+    c.remat = "none"                        # none | full | dots | dots_saveable
+    c.loss_chunk_size = 1024
+
+    c.optim = ml_collections.ConfigDict({
+        "projector_lr": 5e-5, "resampler_lr": 3e-5, "llm_lr": 1e-6, "weight_decay": 0.01, "b1": 0.9, "b2": 0.95,
+        "eps": 1e-8, "warmup_steps": 100, "min_lr_ratio": 0.1, "clip_norm": 1.0})
+
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.eval_every = 500
+    c.eval_batches = 20
+    c.log_every = 10
+    c.max_bad_steps = 3                     # consecutive non-finite updates before the run stops
+    c.peak_tflops = 989.0                   # per device, for MFU (H100/H200 dense bf16)
+    c.progress_bar = True
+
+    # The data pipeline's config (ghostvis_jax/data/pipeline.py documents every key).
+    c.data = ml_collections.ConfigDict({
+        "recipe": "vision_sft_minimal", "datasets": ml_collections.ConfigDict(), "batch_size": 8, "max_length": 2048,
+        "max_images_per_batch": ml_collections.FieldReference(None, field_type=int), "augment": False,
+        "num_threads": 8, "worker_count": 0, "cache_dir": "",
+        "synthetic": ml_collections.ConfigDict({"num_examples": 20000, "eval_examples": 500, "seed": 0,
+                                                "image_size": ml_collections.FieldReference(None, field_type=int)}),
+        "eval": ml_collections.ConfigDict({"batch_size": ml_collections.FieldReference(None, field_type=int),
+                                           "max_examples_per_dataset": 500}),
+    })
+    return c
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Every check that can fail before compiling, each naming the key."""
+    if c.stage not in STAGES:
+        raise ConfigError(f"config.stage must be one of {STAGES}, got {c.stage!r}")
+    if c.init not in ("checkpoint", "random"):
+        raise ConfigError(f"config.init must be 'checkpoint' or 'random', got {c.init!r}")
+    if c.init == "checkpoint":
+        if not c.init_checkpoint:
+            raise ConfigError("config.init_checkpoint is empty (give a converted model folder, or --config.init=random)")
+        if not os.path.isdir(c.init_checkpoint):
+            raise ConfigError(f"config.init_checkpoint: no such folder {c.init_checkpoint!r}")
+    if c.init == "random" and not c.tokenizer:
+        raise ConfigError("config.tokenizer is needed with init=random (a tokenizer folder, or 'tiny')")
+    if not c.workdir:
+        raise ConfigError("config.workdir is empty")
+    for key in ("num_steps", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
+                "loss_chunk_size", "max_bad_steps"):
+        if not isinstance(c[key], int) or c[key] <= 0:
+            raise ConfigError(f"config.{key} must be a positive integer, got {c[key]!r}")
+    if c.num_trainable_layers < 0:
+        raise ConfigError(f"config.num_trainable_layers must be >= 0, got {c.num_trainable_layers}")
+    for key in ("batch_size", "max_length"):
+        if not isinstance(c.data[key], int) or c.data[key] <= 0:
+            raise ConfigError(f"config.data.{key} must be a positive integer, got {c.data[key]!r}")
+    try:
+        data, fsdp, _ = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    batch_divisor = data * fsdp
+    local_rows = c.data.batch_size
+    if (local_rows * num_processes) % batch_divisor:
+        raise ConfigError(f"config.data.batch_size={local_rows} (x {num_processes} processes) is not divisible by the "
+                          f"batch axes data x fsdp = {batch_divisor}")
+    images = c.data.max_images_per_batch or local_rows
+    if (images * num_processes) % batch_divisor:
+        raise ConfigError(f"config.data.max_images_per_batch={images} (x {num_processes} processes) is not divisible "
+                          f"by the batch axes data x fsdp = {batch_divisor}")
+    for group in ("projector_lr", "resampler_lr", "llm_lr", "weight_decay", "clip_norm"):
+        if c.optim[group] < 0:
+            raise ConfigError(f"config.optim.{group} must be >= 0, got {c.optim[group]}")

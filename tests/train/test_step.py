@@ -1,0 +1,117 @@
+"""The functional train step on 8 fake CPU devices: sharding, freezing, accumulation."""
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ghostvis_jax import sharding
+from ghostvis_jax.testing.tiny_training import random_batch, tiny_model_config
+from ghostvis_jax.train import setup as train_setup
+from ghostvis_jax.train.config import base_config
+from ghostvis_jax.train.step import stack_micro_batches
+
+
+def _cfg(stage="sft", **kw):
+    c = base_config()
+    c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, 1
+    c.compute_dtype = c.frozen_param_dtype = "float32"
+    c.optim.warmup_steps, c.optim.projector_lr, c.optim.resampler_lr, c.optim.llm_lr = 1, 1e-2, 1e-2, 1e-2
+    # Some gradients are exactly zero in exact arithmetic (the cross-attention key bias shifts every logit of a
+    # query equally); Adam with a tiny eps turns their rounding noise into full-size steps. A larger eps keeps
+    # comparisons between reduction orders meaningful without touching the real gradients.
+    c.optim.eps = 1e-4
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def _run(setup, batches):
+    losses = []
+    for micro in batches:
+        batch = stack_micro_batches(micro)
+        shardings = setup.batch_shardings(batch, micro_axis=True)
+        batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
+        setup.state, metrics = setup.train_step(setup.state, setup.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def _flat(tree):
+    return {k: np.asarray(jax.device_get(v)) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_sharded_step_equals_single_device():
+    batches = [[random_batch(0)]] * 3  # the same batch: the loss must fall
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_mesh(fsdp=-1, devices=devices)
+        setup = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
+        losses = _run(setup, batches)
+        results.append((losses, _flat(setup.state["params"])))
+    (l1, p1), (l8, p8) = results
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    assert l1[-1] < l1[0]
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p8[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+
+
+def test_parameters_are_really_sharded_over_fsdp():
+    mesh = sharding.make_mesh(fsdp=-1)
+    setup = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
+    kernel = setup.frozen["llm"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec[0] == "fsdp"
+    assert kernel.addressable_shards[0].data.shape == (64 // 8, 128)
+    mu = setup.state["opt_state"][1].inner_states["projector"].inner_state[0].mu["projector"]["fc1"]["kernel"]
+    assert mu.addressable_shards[0].data.shape[0] == 64 // 8
+
+
+@pytest.mark.parametrize("stage,trainable_prefixes", [
+    ("align", {("projector",), ("resampler",)}),
+    ("sft", {("projector",), ("resampler",), ("llm", "layers", 2)}),
+])
+def test_frozen_parameters_bitwise_unchanged_and_optimizer_holds_only_trainable(stage, trainable_prefixes):
+    mesh = sharding.make_mesh(fsdp=-1)
+    setup = train_setup.build(tiny_model_config(), _cfg(stage), mesh, total_steps=10)
+    frozen_before = _flat(setup.frozen)
+    trainable_before = _flat(setup.state["params"])
+    assert {k[:len(p)] for k in trainable_before for p in trainable_prefixes if k[:len(p)] == p} == trainable_prefixes
+    assert all(any(k[:len(p)] == p for p in trainable_prefixes) for k in trainable_before)
+    assert not any(k[0] == "vision" for k in trainable_before)
+    _run(setup, [[random_batch(i)] for i in range(2)])
+    assert all(np.array_equal(frozen_before[k], v) for k, v in _flat(setup.frozen).items())
+    after = _flat(setup.state["params"])
+    assert all(not np.array_equal(trainable_before[k], after[k]) for k in after if k[-1] == "kernel")
+    # Adam's mu and nu: exactly the trainable leaves, nothing for frozen ones.
+    opt_leaves = jax.tree_util.tree_leaves(setup.state["opt_state"])
+    param_bytes = sum(x.nbytes for x in trainable_before.values())
+    array_leaves = [x for x in opt_leaves if x.ndim > 0]
+    assert sum(x.nbytes for x in array_leaves) == 2 * param_bytes
+    assert len(array_leaves) == 2 * len(trainable_before)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    mesh = sharding.make_mesh(fsdp=-1)
+    big = random_batch(7, rows=16)
+    halves = [{k: v[:8] for k, v in big.items()}, {k: v[8:] for k, v in big.items()}]
+    a = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
+    la = _run(a, [halves, halves])
+    b = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
+    lb = _run(b, [[big], [big]])
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    pa, pb = _flat(a.state["params"]), _flat(b.state["params"])
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5, err_msg=str(k))
+
+
+def test_non_finite_batch_skips_the_update():
+    mesh = sharding.make_mesh(fsdp=-1)
+    setup = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
+    before = _flat(setup.state["params"])
+    bad = random_batch(1)
+    bad["pixel_values"][0, 0, 0, 0] = np.nan
+    _run(setup, [[bad]])
+    assert int(setup.state["skipped"]) == 1 and int(setup.state["bad_streak"]) == 1
+    assert all(np.array_equal(before[k], v) for k, v in _flat(setup.state["params"]).items())
+    _run(setup, [[random_batch(2)]])
+    assert int(setup.state["skipped"]) == 1 and int(setup.state["bad_streak"]) == 0
