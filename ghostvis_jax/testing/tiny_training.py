@@ -33,3 +33,36 @@ def random_batch(seed: int, rows: int = 8, length: int = 16, image_size: int = 1
     px = rng.normal(size=(rows, image_size, image_size, 3)).astype(np.float32)
     return {"input_ids": ids, "targets": targets, "loss_mask": mask, "pixel_values": px,
             "num_images": np.ones((rows,), np.int32)}
+
+
+def tiny_train_config(workdir: str, **overrides):
+    """A complete training config for a tiny random model on the synthetic set (CPU, seconds per run)."""
+    import ml_collections
+
+    from ghostvis_jax.train.config import base_config
+
+    c = base_config()
+    c.stage, c.init, c.tokenizer, c.workdir = "sft", "random", "tiny", workdir
+    c.model = ml_collections.ConfigDict({
+        "llm": {"vocab_size": 640, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
+                "num_kv_heads": 2, "head_dim": 16, "rope_theta": 10000.0},
+        "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1,
+                   "num_heads": 4},
+        "resampler": {"num_latents": 4, "num_layers": 1, "num_heads": 4},
+        "projector": {"hidden_size": 64}})
+    c.num_trainable_layers = 1
+    c.compute_dtype = c.frozen_param_dtype = "float32"
+    c.num_steps, c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 6, 2, 100, 2, 3
+    c.progress_bar = False
+    c.optim.warmup_steps = 1
+    c.optim.projector_lr = c.optim.resampler_lr = c.optim.llm_lr = 1e-3
+    c.data.recipe, c.data.batch_size, c.data.max_length, c.data.num_threads = "synthetic_sft", 8, 64, 2
+    c.data.synthetic.num_examples, c.data.synthetic.eval_examples = 200, 32
+    c.data.eval.max_examples_per_dataset = 16
+    for key, value in overrides.items():
+        target = c
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    return c

@@ -17,10 +17,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = "checkpoint"                   # checkpoint | random (real shapes, random weights: smoke / benchmarks)
     c.init_checkpoint = ""                  # converted (or previous-stage) model folder
     c.model_preset = ml_collections.ConfigDict({"llm": "qwen2.5-1.5b", "vision": "siglip-large-patch16-256"})
-    c.tokenizer = ""                        # init=random: tokenizer folder, or "tiny" for the built-in test one
+                      # init=random: tokenizer folder, or "tiny" for the built-in test one
+    c.model = ml_collections.ConfigDict()   # init=random: overrides of the preset, e.g. {"llm": {"num_layers": 2}}
     c.workdir = ""
     c.seed = 0
     c.resume = False
+    c.max_steps_per_run = 0                 # >0: checkpoint and exit after this many steps (job time limits)
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.num_steps = 1000
@@ -81,6 +83,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
                 "loss_chunk_size", "max_bad_steps"):
         if not isinstance(c[key], int) or c[key] <= 0:
             raise ConfigError(f"config.{key} must be a positive integer, got {c[key]!r}")
+    if not isinstance(c.max_steps_per_run, int) or c.max_steps_per_run < 0:
+        raise ConfigError(f"config.max_steps_per_run must be an integer >= 0, got {c.max_steps_per_run!r}")
     if c.num_trainable_layers < 0:
         raise ConfigError(f"config.num_trainable_layers must be >= 0, got {c.num_trainable_layers}")
     for key in ("batch_size", "max_length"):

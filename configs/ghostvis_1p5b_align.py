@@ -1,0 +1,27 @@
+"""GhostVis 1.5B, stage 2 (align): Qwen2.5-1.5B-Instruct + SigLIP-L/16-256; resampler + projector train on
+COCO captions (10%) + LAION-style pairs (90%), by answer tokens.
+
+  python -m ghostvis_jax.train --config configs/ghostvis_1p5b_align.py \
+      --config.init_checkpoint=/ckpt/ghostvis-1p5b-converted --config.workdir=/ckpt/ghostvis-1p5b-align \
+      --config.data.datasets.laion_filtered.path=/data/laion_pairs
+  # smoke / benchmark shapes without weights: --config.init=random --config.tokenizer=tiny
+"""
+
+from ghostvis_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.stage = "align"
+    c.init_checkpoint = ""
+    c.model_preset.llm, c.model_preset.vision = "qwen2.5-1.5b", "siglip-large-patch16-256"
+    c.workdir = ""
+    c.num_steps = 20000
+    c.optim.projector_lr, c.optim.resampler_lr = 5e-5, 3e-5   # roadmap stage 2
+    c.optim.weight_decay, c.optim.b1, c.optim.b2 = 0.01, 0.9, 0.95
+    c.optim.warmup_steps = 500
+    c.data.recipe = "vision_pretrain"
+    c.data.batch_size, c.data.max_length = 8, 2048           # rows per process; x processes x grad_accum_steps
+    c.grad_accum_steps = 4
+    c.checkpoint_every, c.eval_every, c.log_every = 1000, 1000, 10
+    return c

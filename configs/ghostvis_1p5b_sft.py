@@ -1,0 +1,28 @@
+"""GhostVis 1.5B, stage 3 (SFT): from the align stage's model; the last 4 decoder layers + resampler + projector
+train on the token-balanced vision_sft_minimal mix (LLaVA-Instruct, VQAv2, TextVQA, ChartQA, SmolTalk).
+
+  python -m ghostvis_jax.train --config configs/ghostvis_1p5b_sft.py \
+      --config.init_checkpoint=/ckpt/ghostvis-1p5b-align/model --config.workdir=/ckpt/ghostvis-1p5b-sft \
+      --config.data.datasets.llava_instruct_150k.image_root=/data/coco/train2017
+  # smoke / benchmark shapes without weights: --config.init=random --config.tokenizer=tiny
+"""
+
+from ghostvis_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.stage = "sft"
+    c.num_trainable_layers = 4
+    c.init_checkpoint = ""
+    c.model_preset.llm, c.model_preset.vision = "qwen2.5-1.5b", "siglip-large-patch16-256"
+    c.workdir = ""
+    c.num_steps = 15000                                       # ~3 epochs of the minimal mix at 256 rows/step
+    c.optim.llm_lr, c.optim.projector_lr, c.optim.resampler_lr = 1e-6, 3e-5, 3e-5   # roadmap stage 3
+    c.optim.weight_decay, c.optim.b1, c.optim.b2 = 0.01, 0.9, 0.95
+    c.optim.warmup_steps = 300
+    c.data.recipe = "vision_sft_minimal"
+    c.data.batch_size, c.data.max_length = 8, 2048
+    c.grad_accum_steps = 4
+    c.checkpoint_every, c.eval_every, c.log_every = 1000, 1000, 10
+    return c

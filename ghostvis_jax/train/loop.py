@@ -1,0 +1,259 @@
+"""The training run: config → data → model state → jitted step → checkpoints → the stage's model folder.
+
+    python -m ghostvis_jax.train --config configs/ghostvis_1p5b_sft.py --config.workdir=/ckpt/sft
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ghostvis_jax import checkpoint, sharding
+from ghostvis_jax.config import GhostVisConfig, preset
+from ghostvis_jax.train import setup as train_setup
+from ghostvis_jax.train.checkpointing import TrainCheckpointer, abstract_like
+from ghostvis_jax.train.config import ConfigError, validate
+from ghostvis_jax.train.feedback import RunLog, plot_loss_curve
+from ghostvis_jax.train.flops import PEAK_BF16_FLOPS, train_step_flops
+from ghostvis_jax.train.step import stack_micro_batches
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def maybe_initialize_distributed() -> None:
+    """Several processes: SLURM is detected by JAX itself; the local launcher sets GHOSTVIS_* variables."""
+    if jax.distributed.is_initialized():
+        return
+    if "GHOSTVIS_COORDINATOR" in os.environ:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=os.environ["GHOSTVIS_COORDINATOR"],
+                                   num_processes=int(os.environ["GHOSTVIS_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["GHOSTVIS_PROCESS_ID"]))
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def resolve_tokenizer(cfg) -> str:
+    if cfg.init == "checkpoint":
+        path = checkpoint.tokenizer_path(cfg.init_checkpoint)
+        if path is None:
+            raise ConfigError(f"{cfg.init_checkpoint}: the checkpoint has no tokenizer/ folder")
+        return path
+    if cfg.tokenizer == "tiny":
+        from ghostvis_jax.testing.tiny_tokenizer import build_tiny_tokenizer
+
+        path = os.path.join(cfg.workdir, "tokenizer")
+        if jax.process_index() == 0 and not os.path.exists(os.path.join(path, "tokenizer.json")):
+            build_tiny_tokenizer(path)
+        _barrier("tiny tokenizer")
+        return path
+    if not os.path.isdir(cfg.tokenizer):
+        raise ConfigError(f"config.tokenizer: no such folder {cfg.tokenizer!r}")
+    return cfg.tokenizer
+
+
+def resolve_model_config(cfg, tokenizer) -> GhostVisConfig:
+    if cfg.init == "checkpoint":
+        return checkpoint.read_config(cfg.init_checkpoint)
+    base = preset(cfg.model_preset.llm, cfg.model_preset.vision).to_dict()
+    for section, values in cfg.model.to_dict().items():
+        if section not in base or not isinstance(values, dict):
+            raise ConfigError(f"config.model.{section}: unknown model section; valid: {sorted(base)}")
+        base[section].update(values)
+    base["image_token_id"] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return GhostVisConfig.from_dict(base)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _data_config(cfg) -> dict:
+    data = cfg.data.to_dict()
+    data["cache_dir"] = data.get("cache_dir") or None
+    return data
+
+
+def _global_batch(mesh, local: dict, *, micro_axis: bool) -> dict:
+    lead = 1 if micro_axis else 0
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, leading_unsharded=lead), v)
+            for k, v in local.items()}
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint at the next step boundary and exit."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(setup, cfg, tokenizer, model_config) -> float:
+    from ghostvis_jax.data.pipeline import make_eval_iterator
+
+    it = make_eval_iterator(_data_config(cfg), tokenizer, model_config)
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(it):
+        if i >= cfg.eval_batches:
+            break
+        local = {k: batch[k] for k in ("input_ids", "targets", "loss_mask", "pixel_values")}
+        loss_sum, n = setup.eval_step(setup.state["params"], setup.frozen,
+                                      _global_batch(setup.mesh, local, micro_axis=False))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
+
+
+def run(cfg) -> dict[str, Any]:
+    maybe_initialize_distributed()
+    validate(cfg, jax.device_count(), jax.process_count())
+    from transformers import AutoTokenizer
+
+    from ghostvis_jax.data.pipeline import make_train_iterator
+
+    os.makedirs(cfg.workdir, exist_ok=True)
+    tok_dir = resolve_tokenizer(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model_config = resolve_model_config(cfg, tokenizer)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    ckpt = TrainCheckpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                             async_save=cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.resume:
+        raise ConfigError(f"{cfg.workdir} already holds checkpoints up to step {latest}: pass --config.resume=True "
+                          f"to continue that run, or choose a new --config.workdir")
+
+    data_it = make_train_iterator(_data_config(cfg), tokenizer, model_config, seed=cfg.seed)
+    setup = train_setup.build(model_config, cfg, mesh, total_steps=cfg.num_steps)
+    if latest is not None:
+        setup.state, data_state, _ = ckpt.restore(latest, abstract_like(setup.state))
+        data_it.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
+    run_log = RunLog(cfg.workdir, cfg.num_steps, int(setup.state["step"]), progress_bar=cfg.progress_bar)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+
+    def next_batch():
+        micro = [next(data_it) for _ in range(cfg.grad_accum_steps)]
+        images = int(sum(int(mb["num_images"].sum()) for mb in micro))
+        return _global_batch(mesh, stack_micro_batches(micro), micro_axis=True), images
+
+    batch, images = next_batch()
+    t0 = time.perf_counter()
+    compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    run_log.message(f"train step compiled in {compile_s:.1f} s; mesh {dict(mesh.shape)}; "
+                    f"{jax.device_count()} devices, {jax.process_count()} processes")
+    rows, seq = batch["input_ids"].shape[1] * cfg.grad_accum_steps, batch["input_ids"].shape[2]
+    on_gpu = jax.default_backend() == "gpu"
+
+    step = int(setup.state["step"])
+    first_step = step
+    last_saved, stopped_by = latest, None
+    window_t, window_steps, window_images = time.perf_counter(), 0, 0
+    with _StopFlag() as stop:
+        while step < cfg.num_steps:
+            setup.state, metrics = compiled(setup.state, setup.frozen, batch)
+            step += 1
+            m = jax.device_get(metrics)
+            bad_streak = int(setup.state["bad_streak"])
+            window_steps, window_images = window_steps + 1, window_images + images
+            record = {"kind": "train", "step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                      "loss_tokens": float(m["loss_tokens"]), "finite": bool(m["finite"])}
+            if not m["finite"]:
+                run_log.message(f"step {step}: non-finite loss or gradient — update skipped "
+                                f"({int(setup.state['skipped'])} skipped so far)")
+                if bad_streak >= cfg.max_bad_steps:
+                    ckpt.wait()
+                    raise TrainingDiverged(
+                        f"{bad_streak} non-finite updates in a row at step {step}; stopping. The last good "
+                        f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            if step % cfg.log_every == 0 or step == cfg.num_steps:
+                dt = time.perf_counter() - window_t
+                record.update(tokens_per_s=window_steps * rows * seq * jax.process_count() / dt,
+                              images_per_s=window_images * jax.process_count() / dt,
+                              lr={g: float(s(step)) for g, s in _schedules(cfg).items()},
+                              skipped=int(setup.state["skipped"]))
+                if on_gpu:
+                    flops = train_step_flops(model_config, stage=cfg.stage, batch=rows * jax.process_count(),
+                                             seq=seq, num_images=images * jax.process_count(),
+                                             trainable_layers=cfg.num_trainable_layers)
+                    record["mfu"] = flops * window_steps / dt / (PEAK_BF16_FLOPS * jax.device_count())
+                window_t, window_steps, window_images = time.perf_counter(), 0, 0
+            run_log.write(record)
+            run_log.progress(1, loss=record["loss"], **{k: record[k] for k in ("tokens_per_s", "mfu") if k in record})
+            if step % cfg.eval_every == 0:
+                eval_loss = evaluate(setup, cfg, tokenizer, model_config)
+                run_log.write({"kind": "eval", "step": step, "eval_loss": eval_loss})
+                run_log.message(f"step {step}: held-out loss {eval_loss:.4f}")
+            if stop.signal is not None:
+                stopped_by = stop.signal
+                break
+            if cfg.max_steps_per_run and step - first_step >= cfg.max_steps_per_run and step < cfg.num_steps:
+                stopped_by = f"max_steps_per_run={cfg.max_steps_per_run}"
+                break
+            if step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
+                ckpt.save(step, setup.state, data_it.get_state(), _meta(cfg, step))
+                last_saved = step
+            batch, images = next_batch()
+
+    if last_saved != step:
+        ckpt.save(step, setup.state, data_it.get_state(), _meta(cfg, step))
+    ckpt.close()
+    run_log.close()
+    summary = {"step": step, "skipped_updates": int(setup.state["skipped"]), "compile_s": compile_s,
+               "failed_checkpoint_saves": ckpt.failed_saves, "data": data_it.counts()}
+    if stopped_by:
+        summary["stopped_by"] = stopped_by
+        run_log.message(f"stopped by {stopped_by} at step {step}; checkpoint saved. Resume with --config.resume=True")
+        return summary
+    model_dir = os.path.join(cfg.workdir, "model")
+    checkpoint.save_model(model_dir, model_config, setup.full_params(), tokenizer_dir=tok_dir)
+    summary["model_dir"] = model_dir
+    summary["loss_curve"] = plot_loss_curve(os.path.join(cfg.workdir, "metrics.jsonl"),
+                                            os.path.join(cfg.workdir, "loss_curve.png"))
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    run_log.message(f"done: step {step}, model written to {model_dir}")
+    return summary
+
+
+def _schedules(cfg) -> dict:
+    from ghostvis_jax.train.optim import group_learning_rates, learning_rate_schedule
+
+    return {g: learning_rate_schedule(lr, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.num_steps,
+                                      min_lr_ratio=cfg.optim.min_lr_ratio)
+            for g, lr in group_learning_rates(cfg.optim).items()}
+
+
+def _meta(cfg, step: int) -> dict:
+    return {"step": step, "stage": cfg.stage, "config": json.loads(cfg.to_json_best_effort())}

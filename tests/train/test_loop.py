@@ -1,0 +1,114 @@
+"""The training run end to end on 8 fake CPU devices: resume, checkpoints across meshes, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ghostvis_jax import checkpoint, sharding
+from ghostvis_jax.testing.tiny_training import random_batch, tiny_model_config, tiny_train_config
+from ghostvis_jax.train import setup as train_setup
+from ghostvis_jax.train.checkpointing import TrainCheckpointer, abstract_like
+from ghostvis_jax.train.config import ConfigError
+from ghostvis_jax.train.loop import run
+from ghostvis_jax.train.step import stack_micro_batches
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _losses(workdir):
+    """Per-step train loss; after a resume the last record of a step wins (and must equal the first)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["kind"] == "train":
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def _model_params(workdir):
+    params = checkpoint.load_params(os.path.join(workdir, "model"), checkpoint.read_config(
+        os.path.join(workdir, "model")))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def test_stop_and_resume_is_bitwise_identical(tmp_path):
+    straight = str(tmp_path / "straight")
+    run(tiny_train_config(straight))
+    split = str(tmp_path / "split")
+    first = run(tiny_train_config(split, max_steps_per_run=3))
+    assert first["step"] == 3 and "stopped_by" in first
+    assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["3"]
+    with pytest.raises(ConfigError, match="already holds checkpoints up to step 3"):
+        run(tiny_train_config(split))
+    second = run(tiny_train_config(split, resume=True))
+    assert second["step"] == 6
+    assert _losses(straight) == _losses(split)
+    a, b = _model_params(straight), _model_params(split)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    records = [json.loads(x) for x in open(os.path.join(split, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert os.path.exists(os.path.join(split, "loss_curve.png"))
+
+
+def _setup(devices, **mesh):
+    cfg = tiny_train_config("unused")
+    cfg.seed = 3
+    return train_setup.build(tiny_model_config(), cfg, sharding.make_mesh(devices=devices, **mesh), total_steps=5)
+
+
+def test_checkpoint_restores_on_other_meshes(tmp_path):
+    src = _setup(jax.devices(), fsdp=-1)
+    batch = stack_micro_batches([random_batch(0)])
+    batch = {k: jax.device_put(v, s) for (k, v), s in zip(batch.items(), src.batch_shardings(batch, micro_axis=True).values())}
+    src.state, _ = src.train_step(src.state, src.frozen, batch)  # non-trivial optimizer state
+    ckpt = TrainCheckpointer(str(tmp_path / "ck"), keep=2)
+    assert ckpt.save(1, src.state, {"pos": 1}, {"step": 1})
+    ckpt.wait()
+    want = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
+        jax.tree_util.tree_map(np.asarray, {"p": src.state["params"]})).items()}
+    want_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(src.state)]
+    for devices, mesh in ((jax.devices(), dict(data=2, fsdp=4)), (jax.devices()[:1], dict(fsdp=-1))):
+        dst = _setup(devices, **mesh)
+        state, data_state, meta = ckpt.restore(1, abstract_like(dst.state))
+        assert data_state == {"pos": 1} and meta == {"step": 1}
+        got_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+        assert all(np.array_equal(a, b) for a, b in zip(want_leaves, got_leaves))
+        kernel = state["params"]["projector"]["fc1"]["kernel"]
+        assert kernel.sharding.mesh.shape == dst.mesh.shape
+    assert want
+
+
+def _cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "ghostvis_jax.train", "--config",
+                           os.path.join(REPO, "configs", "demo_align.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_unknown_key_and_missing_checkpoint_fail_before_compiling(tmp_path):
+    proc = _cli(tmp_path, "--config.num_stepz=3")
+    assert proc.returncode != 0 and "num_stepz" in proc.stderr
+    proc = _cli(tmp_path, f"--config.init_checkpoint={tmp_path}/missing", f"--config.workdir={tmp_path}/w")
+    assert proc.returncode != 0
+    assert f"config.init_checkpoint: no such folder '{tmp_path}/missing'" in proc.stderr
+    assert "compiled" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"data.batch_size": 6}, r"batch_size=6 .* not divisible by the batch axes data x fsdp = 8"),
+    ({"mesh.data": 3}, r"config.mesh: .* does not divide 8 devices"),
+    ({"num_steps": 0}, r"config.num_steps must be a positive integer"),
+    ({"stage": "pretrain"}, r"config.stage must be one of"),
+    ({"data.max_images_per_batch": 4}, r"max_images_per_batch=4 .* not divisible"),
+])
+def test_bad_configs_are_refused_by_name(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_train_config(str(tmp_path / "w"), **override))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
