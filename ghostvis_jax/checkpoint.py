@@ -14,7 +14,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
@@ -73,11 +72,19 @@ def copy_tokenizer(src: str, dst: str) -> bool:
     return True
 
 
+def all_finite(tree) -> bool:
+    """True when every floating leaf is finite; works for arrays spread over several processes."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    if not leaves:
+        return True
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
 def _check_finite(params: dict) -> None:
+    if all_finite(params):
+        return
     for path, x in traverse_util.flatten_dict(params).items():
-        x = np.asarray(jax.device_get(x), dtype=np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) \
-            or str(np.asarray(x).dtype) == "bfloat16" else None
-        if x is not None and not np.all(np.isfinite(x)):
+        if not all_finite(x):
             raise CheckpointError(f"refusing to write non-finite parameter {'/'.join(map(str, path))}")
 
 
@@ -105,9 +112,9 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
         params = ocp.StandardCheckpointer().restore(params_dir, abstract)
     except Exception as e:  # noqa: BLE001 — orbax raises many types for a tree that does not match
         raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE} or are unreadable: {e}") from None
-    for p, x in traverse_util.flatten_dict(params).items():
-        if not bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))):
-            raise CheckpointError(f"{path}: parameter {'/'.join(map(str, p))} holds NaN or Inf")
+    if not all_finite(params):
+        bad = [p for p, x in traverse_util.flatten_dict(params).items() if not all_finite(x)]
+        raise CheckpointError(f"{path}: parameter {'/'.join(map(str, bad[0]))} holds NaN or Inf")
     return params
 
 

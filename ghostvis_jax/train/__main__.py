@@ -19,6 +19,7 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if _CONFIG.value is None:
         sys.exit("error: --config is required (e.g. --config configs/demo_align.py)")
     try:

@@ -12,8 +12,9 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from ghostvis_jax.checkpoint import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class TrainCheckpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict, data_state: Any, meta: dict) -> bool:
-        if not bool(jax.jit(_all_finite)(state["params"])):
+        if not all_finite(state["params"]):
             log.error("not saving step %d: the parameters hold NaN or Inf", step)
             return False
         try:
@@ -63,12 +64,6 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def abstract_like(state: Any) -> Any:

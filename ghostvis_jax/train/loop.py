@@ -244,6 +244,8 @@ def run(cfg) -> dict[str, Any]:
         with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     run_log.message(f"done: step {step}, model written to {model_dir}")
+    print(f"process {jax.process_index()}/{jax.process_count()}: step {step} final loss {record['loss']:.6f}",
+          flush=True)
     return summary
 
 

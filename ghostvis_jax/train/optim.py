@@ -19,7 +19,7 @@ FROZEN = "frozen"
 
 
 def param_group(path: tuple, *, stage: str, num_layers: int, num_trainable_layers: int) -> str:
-    """align: adapters; sft: adapters + the last N decoder layers; full: adapters + the whole decoder.
+    """align: adapters; sft: adapters + the last N decoder layers; full: the whole decoder (text-only fine-tune).
 
     The vision tower never trains (and encode_images stops the gradient at its output).
     """
@@ -27,7 +27,7 @@ def param_group(path: tuple, *, stage: str, num_layers: int, num_trainable_layer
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     top = path[0]
     if top in ("projector", "resampler"):
-        return top
+        return FROZEN if stage == "full" else top
     if top == "llm":
         if stage == "full":
             return "llm"

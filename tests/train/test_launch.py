@@ -1,0 +1,27 @@
+"""launch/local_cpu.py: two processes (gloo collectives) train one job, agree on the loss, write one checkpoint."""
+
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_two_processes_train_and_checkpoint_together(tmp_path):
+    workdir = tmp_path / "run"
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(
+        "from ghostvis_jax.testing.tiny_training import tiny_train_config\n"
+        "def get_config():\n"
+        f"    return tiny_train_config({str(workdir)!r}, num_steps=3, checkpoint_every=100, log_every=1,\n"
+        "                             **{'data.batch_size': 4})\n")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "local_cpu.py"), "--num-processes", "2",
+                           "--devices-per-process", "4", "--timeout", "400", "--", "--config", str(cfg)],
+                          capture_output=True, text=True, cwd=REPO, timeout=450)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finals = dict(re.findall(r"process (\d)/2: step 3 final loss ([0-9.]+)", proc.stdout))
+    assert set(finals) == {"0", "1"} and finals["0"] == finals["1"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+    assert (workdir / "model" / "ghostvis_config.json").exists()
+    assert "8 devices, 2 processes" in proc.stdout

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""GPU benchmarks of the real train step, vision tower and generate code at the 1.5B shapes, random weights.
+
+The same benches, shapes and FLOP formula as the PyTorch peer (shared/bench/torch_peer.py); one JSON line per
+measurement with the peer's fields, so tools/bench_compare.py can print ratios from one device call.
+
+  python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
+  python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
+Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ghostvis_jax import sharding
+from ghostvis_jax.config import ResamplerConfig, preset
+from ghostvis_jax.train import setup as train_setup
+from ghostvis_jax.train.config import base_config
+from ghostvis_jax.train.flops import PEAK_BF16_FLOPS, train_step_flops, vision_flops_per_image
+
+VISION = {"large256": "siglip-large-patch16-256", "so400m384": "siglip-so400m-patch14-384",
+          "base224": "siglip-base-patch16-224"}
+
+
+def emit(**kw) -> None:
+    print(json.dumps({"peer": "jax", **kw}), flush=True)
+
+
+def peak_gib() -> float:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return round(stats.get("peak_bytes_in_use", 0) / 2**30, 1)
+
+
+def model_config(args):
+    cfg = preset("qwen2.5-1.5b", VISION[args.vision])
+    return dataclasses.replace(cfg, resampler=ResamplerConfig(num_latents=args.image_tokens),
+                               image_token_id=cfg.llm.vocab_size - 1)
+
+
+def bench_train(args, stage: str) -> None:
+    mcfg = model_config(args)
+    c = base_config()
+    c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, args.unfreeze
+    c.remat, c.loss_chunk_size = args.remat, args.chunk
+    c.mesh.data, c.mesh.fsdp = args.mesh_data, args.mesh_fsdp
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    t0 = time.perf_counter()
+    setup = train_setup.build(mcfg, c, mesh, total_steps=1000)
+    n_dev = jax.device_count()
+    B, T, N = args.batch * n_dev, args.seq, args.image_tokens
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, mcfg.llm.vocab_size - 1, size=(1, B, T)).astype(np.int32)
+    mask = np.ones((1, B, T), np.float32)
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, axis=-1), "loss_mask": mask}
+    images = 0
+    if stage != "full":
+        ids[:, :, 2:2 + N] = mcfg.image_token_id
+        mask[:, :, :2 + N] = 0.0
+        size = mcfg.vision.image_size
+        batch["pixel_values"] = rng.normal(size=(1, B, size, size, 3)).astype(np.float32)
+        images = B
+    batch = {k: jax.device_put(v, s) for (k, v), s in
+             zip(batch.items(), setup.batch_shardings(batch, micro_axis=True).values())}
+    compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for i in range(args.steps + 3):
+        if i == 3:
+            jax.block_until_ready(setup.state)
+            t1 = time.perf_counter()
+        setup.state, metrics = compiled(setup.state, setup.frozen, batch)
+    jax.block_until_ready(setup.state)
+    dt = (time.perf_counter() - t1) / args.steps
+    flops = train_step_flops(mcfg, stage=stage, batch=B, seq=T, num_images=images,
+                             trainable_layers=args.unfreeze)
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.state["params"]))
+    emit(bench=f"train-{stage}", batch=args.batch, seq=T, image_tokens=N if images else 0,
+         unfreeze=args.unfreeze if stage == "sft" else (28 if stage == "full" else 0), vision=args.vision,
+         devices=n_dev, mesh=dict(mesh.shape), remat=args.remat, step_ms=round(dt * 1e3, 2),
+         tokens_per_s=round(B * T / dt), tokens_per_s_per_device=round(B * T / dt / n_dev),
+         images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
+         mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=peak_gib(),
+         compile_s=round(compile_s, 1), loss=float(metrics["loss"]), device=jax.devices()[0].device_kind)
+
+
+def bench_vision(args) -> None:
+    from flax import nnx
+
+    from ghostvis_jax.model.siglip import SiglipVisionTower
+
+    vcfg = preset(vision=VISION[args.vision]).vision
+    tower = SiglipVisionTower(vcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(tower)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, vcfg.image_size, vcfg.image_size, 3)),
+                    jnp.bfloat16)
+    for i in range(args.steps + 3):
+        if i == 3:
+            jax.block_until_ready(out)
+            t0 = time.perf_counter()
+        out = forward(state, x)
+    jax.block_until_ready(out)
+    dt = (time.perf_counter() - t0) / args.steps
+    fl = vision_flops_per_image(vcfg) * args.batch / dt
+    emit(bench="vision", vision=args.vision, batch=args.batch, step_ms=round(dt * 1e3, 2),
+         images_per_s=round(args.batch / dt), tflops=round(fl / 1e12, 1), mfu=round(fl / PEAK_BF16_FLOPS, 4),
+         device=jax.devices()[0].device_kind)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench", choices=["train-sft", "train-align", "train-full", "generate", "vision"])
+    ap.add_argument("--batch", type=int, default=None, help="rows per device (train), images (vision)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--image-tokens", type=int, default=64)
+    ap.add_argument("--unfreeze", type=int, default=4)
+    ap.add_argument("--vision", default="large256", choices=sorted(VISION))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--prompt", type=int, default=192)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--remat", default="none", choices=sorted(train_setup.REMAT_POLICIES))
+    ap.add_argument("--chunk", type=int, default=1024, help="cross-entropy chunk (tokens per row)")
+    ap.add_argument("--mesh-data", type=int, default=1)
+    ap.add_argument("--mesh-fsdp", type=int, default=-1)
+    args = ap.parse_args()
+    if args.bench in ("train-sft", "train-align"):
+        args.batch = args.batch or 8
+        bench_train(args, args.bench.split("-")[1])
+    elif args.bench == "train-full":
+        args.batch = args.batch or 4
+        bench_train(args, "full")
+    elif args.bench == "vision":
+        args.batch = args.batch or 64
+        bench_vision(args)
+    else:
+        from ghostvis_jax.generate_bench import bench_generate
+
+        bench_generate(args, emit)
+
+
+if __name__ == "__main__":
+    main()
