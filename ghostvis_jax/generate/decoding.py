@@ -62,11 +62,9 @@ class Decoded:
     finish_reason: str     # "stop" (a stop token) or "length" (max_new_tokens)
 
 
-# ---- jitted pieces (module level: shared by every loaded model with the same structure) ----------------------
+# ---- jitted pieces ------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, state, ids, valid, image_embeds, *, cache_len: int):
-    model = nnx.merge(graphdef, state)
+def _prefill(model, ids, valid, image_embeds, cache_len: int):
     b, p = ids.shape
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     causal = jnp.tril(jnp.ones((p, p), bool))
@@ -80,33 +78,57 @@ def _prefill(graphdef, state, ids, valid, image_embeds, *, cache_len: int):
     return cache, logits, key_valid
 
 
-def _step(graphdef, state, carry, sampling, stop_ids, prompt_len):
+def _step(model, carry, sampling, stop_ids, prompt_len):
     """Sample one token per row from `logits`, record it, and run it through the decoder."""
     cache, logits, out, done, step, key_valid, num_valid, row_keys = carry
-    model = nnx.merge(graphdef, state)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     token = next_tokens(logits, keys, *sampling)
-    out = out.at[:, step].set(jnp.where(done, -1, token))
-    token = jnp.where(done, 0, token)
+    token = jnp.where(done, -1, token)
+    out = out.at[:, step].set(token)
     done = done | jnp.isin(token, stop_ids)
     index = prompt_len + step
     key_valid = key_valid.at[:, index].set(True)
-    hidden, cache = model.hidden_states(token[:, None], positions=(num_valid + step)[:, None],
+    hidden, cache = model.hidden_states(jnp.maximum(token, 0)[:, None], positions=(num_valid + step)[:, None],
                                         mask=key_valid[:, None, None, :], cache=cache, cache_index=index)
     logits = model.llm.logits(hidden[:, 0]).astype(jnp.float32)
-    return cache, logits, out, done, step + 1, key_valid, num_valid, row_keys
+    return (cache, logits, out, done, step + 1, key_valid, num_valid, row_keys), token
 
 
-# prompt_len is traced, so the loop compiles once per (batch, cache length), not per prompt bucket.
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("carry",))
-def _decode_loop(graphdef, state, carry, max_new_tokens, sampling, stop_ids, prompt_len):
-    def cond(c):
-        return (c[4] < max_new_tokens) & ~jnp.all(c[3])
+class _Jitted:
+    """prefill / loop / step of one model structure. Parameters travel as a flat list of arrays: flattening an
+    nnx.State costs milliseconds per call, a list microseconds (it matters once per streamed token)."""
 
-    return jax.lax.while_loop(cond, lambda c: _step(graphdef, state, c, sampling, stop_ids, prompt_len), carry)
+    def __init__(self, graphdef, treedef):
+        def model(leaves):
+            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+        self.prefill = jax.jit(lambda leaves, ids, valid, images, cache_len: _prefill(
+            model(leaves), ids, valid, images, cache_len), static_argnames=("cache_len",))
+
+        # prompt_len and max_new_tokens are traced: the loop compiles once per (batch, cache length).
+        def loop(leaves, carry, max_new_tokens, sampling, stop_ids, prompt_len):
+            def cond(c):
+                return (c[4] < max_new_tokens) & ~jnp.all(c[3])
+
+            return jax.lax.while_loop(cond, lambda c: _step(model(leaves), c, sampling, stop_ids, prompt_len)[0],
+                                      carry)
+
+        self.loop = jax.jit(loop, donate_argnames=("carry",))
+        self.step = jax.jit(lambda leaves, carry, sampling, stop_ids, prompt_len: _step(
+            model(leaves), carry, sampling, stop_ids, prompt_len), donate_argnames=("carry",))
 
 
-_decode_step = jax.jit(_step, static_argnames=("graphdef",), donate_argnames=("carry",))
+@functools.lru_cache(maxsize=8)
+def _jitted(graphdef, treedef) -> _Jitted:  # shared by every loaded model of the same structure
+    return _Jitted(graphdef, treedef)
+
+
+class Decoder:
+    """A model's parameters, flattened once, with the jitted functions of its structure."""
+
+    def __init__(self, graphdef, state):
+        self.leaves, treedef = jax.tree.flatten(state)
+        self.jitted = _jitted(graphdef, treedef)
 
 
 # ---- host side ----------------------------------------------------------------------------------------------
@@ -122,7 +144,7 @@ def left_pad(prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: 
     return ids, valid
 
 
-def decode(graphdef, state, config, prompts: Sequence[Sequence[int]], image_embeds: jax.Array | None, *,
+def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_embeds: jax.Array | None, *,
            max_new_tokens: int, sampling: Sampling, stop_ids: Sequence[int],
            on_step: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[Decoded]:
     """Generate for token-id prompts (`config`: the GhostVisConfig). `image_embeds` [I, N, D] fill the
@@ -154,23 +176,24 @@ def decode(graphdef, state, config, prompts: Sequence[Sequence[int]], image_embe
     if padded_images > num_images:
         image_embeds = jnp.pad(image_embeds, ((0, padded_images - num_images), (0, 0), (0, 0)))
 
-    cache, logits, key_valid = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), image_embeds,
-                                        cache_len=cache_len)
+    fns, leaves = decoder.jitted, decoder.leaves
+    cache, logits, key_valid = fns.prefill(leaves, jnp.asarray(ids), jnp.asarray(valid), image_embeds,
+                                           cache_len=cache_len)
     out = jnp.full((batch, cache_len), -1, jnp.int32)  # only the first max_new_tokens columns are used
     done = jnp.asarray(np.arange(batch) >= n)
     num_valid = jnp.asarray(valid.sum(axis=1), jnp.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
     carry = (cache, logits, out, done, jnp.int32(0), key_valid, num_valid, row_keys)
     stops = jnp.asarray(list(stop_ids) or [-2], jnp.int32)
+    knobs, prompt_len_arr = sampling.arrays(), jnp.int32(prompt_len)
     if on_step is None:
-        carry = _decode_loop(graphdef, state, carry, jnp.int32(max_new_tokens), sampling.arrays(), stops,
-                             jnp.int32(prompt_len))
+        carry = fns.loop(leaves, carry, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr)
     else:
-        for step in range(max_new_tokens):
-            carry = _decode_step(graphdef, state, carry, sampling.arrays(), stops, jnp.int32(prompt_len))
-            tokens, done_now = jax.device_get((carry[2][:n, step], carry[3][:n]))
-            on_step(tokens, done_now)
-            if done_now.all():
+        for _ in range(max_new_tokens):
+            carry, token = fns.step(leaves, carry, knobs, stops, prompt_len_arr)
+            tokens, done_now = jax.device_get((token, carry[3]))
+            on_step(tokens[:n], done_now[:n])
+            if done_now[:n].all():
                 break
     return _finish(np.asarray(carry[2])[:n, :max_new_tokens], set(stop_ids))
 

@@ -7,6 +7,7 @@ Prompts are rendered with the ChatML renderer (`data/chat.render_prompt`), image
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 
 from ghostvis_jax.data.chat import ensure_image_placeholders, render_prompt
 from ghostvis_jax.data.images import load_image
-from ghostvis_jax.generate.decoding import Sampling, bucket, decode
+from ghostvis_jax.generate.decoding import Decoder, Sampling, bucket, decode
 from ghostvis_jax.generate.image_cache import image_key
 
 DEFAULT_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -94,6 +95,16 @@ def embed_images(gv, images: Sequence[Any]):
     return jnp.stack([found[k] for k in keys])
 
 
+_DECODERS: "weakref.WeakKeyDictionary[Any, Decoder]" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(gv) -> Decoder:
+    """The model's Decoder, built on first use (flattening the parameters once)."""
+    if gv not in _DECODERS:
+        _DECODERS[gv] = Decoder(gv._graphdef, gv._state)
+    return _DECODERS[gv]
+
+
 class _StreamText:
     """Turns each row's growing token list into text deltas (holding back an incomplete UTF-8 character)."""
 
@@ -150,7 +161,7 @@ def generate(gv, prompts, images=None, max_new_tokens: int = 64, temperature: fl
     stops = stop_token_ids(gv.tokenizer, stop)
     sampling = Sampling(float(temperature), int(top_k), float(top_p), int(seed))
     streamer = None if stream is None else _StreamText(gv.tokenizer, len(prompts), set(stops), stream)
-    results = decode(gv._graphdef, gv._state, gv.config, all_ids, embed_images(gv, all_images),
+    results = decode(decoder_for(gv), gv.config, all_ids, embed_images(gv, all_images),
                      max_new_tokens=int(max_new_tokens), sampling=sampling, stop_ids=stops, on_step=streamer)
     texts = [gv.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in results]
     if return_tokens:

@@ -11,8 +11,7 @@ import ghostvis_jax as gv
 from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
 from ghostvis_jax.data.chat import render_prompt
 from ghostvis_jax.data.images import ImageDecodeError
-from ghostvis_jax.generate import decoding
-from ghostvis_jax.generate import filter_logits
+from ghostvis_jax.generate import decoder_for, filter_logits
 from ghostvis_jax.testing import tiny_models
 from ghostvis_jax.weights.convert import convert
 
@@ -90,10 +89,11 @@ def test_stop_tokens_end_rows_independently_and_max_new_tokens_holds(model):
 
 
 def test_repeated_calls_reuse_compiled_functions(model):
+    jitted = decoder_for(model).jitted
     model.generate(["hi", "What is in the picture?"], max_new_tokens=5)
-    loops, prefills = decoding._decode_loop._cache_size(), decoding._prefill._cache_size()
+    sizes = jitted.loop._cache_size(), jitted.prefill._cache_size()
     model.generate(["Describe the image.", "a b c"], max_new_tokens=7, temperature=0.7, top_k=3, seed=2)
-    assert (decoding._decode_loop._cache_size(), decoding._prefill._cache_size()) == (loops, prefills)
+    assert (jitted.loop._cache_size(), jitted.prefill._cache_size()) == sizes
 
 
 def test_sampling_repeats_for_a_seed_and_top_k_1_is_greedy(model):
