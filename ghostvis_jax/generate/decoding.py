@@ -184,7 +184,10 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
     num_valid = jnp.asarray(valid.sum(axis=1), jnp.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
     carry = (cache, logits, out, done, jnp.int32(0), key_valid, num_valid, row_keys)
-    stops = jnp.asarray(list(stop_ids) or [-2], jnp.int32)
+    stop_list = list(stop_ids)
+    stops = np.full(bucket(len(stop_list), 4), -2, np.int32)  # -2 never matches; fixed length, fewer compiles
+    stops[: len(stop_list)] = stop_list
+    stops = jnp.asarray(stops)
     knobs, prompt_len_arr = sampling.arrays(), jnp.int32(prompt_len)
     if on_step is None:
         carry = fns.loop(leaves, carry, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr)
