@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = "checkpoint"                   # checkpoint | random (real shapes, random weights: smoke / benchmarks)
     c.init_checkpoint = ""                  # converted (or previous-stage) model folder
     c.model_preset = ml_collections.ConfigDict({"llm": "qwen2.5-1.5b", "vision": "siglip-large-patch16-256"})
-                      # init=random: tokenizer folder, or "tiny" for the built-in test one
+    c.tokenizer = ""                        # init=random: tokenizer folder, or "tiny" for the built-in test one
     c.model = ml_collections.ConfigDict()   # init=random: overrides of the preset, e.g. {"llm": {"num_layers": 2}}
     c.workdir = ""
     c.seed = 0
