@@ -207,9 +207,15 @@ def run(cfg) -> dict[str, Any]:
                                              seq=seq, num_images=images * jax.process_count(),
                                              trainable_layers=cfg.num_trainable_layers)
                     record["mfu"] = flops * window_steps / dt / (PEAK_BF16_FLOPS * jax.device_count())
+                    record["peak_gib_per_device"] = max(
+                        (d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
                 window_t, window_steps, window_images = time.perf_counter(), 0, 0
             run_log.write(record)
             run_log.progress(1, loss=record["loss"], **{k: record[k] for k in ("tokens_per_s", "mfu") if k in record})
+            if "tokens_per_s" in record and not cfg.progress_bar:
+                run_log.message(f"step {step}: loss {record['loss']:.4f} "
+                                + " ".join(f"{k} {record[k]:.4g}" for k in ("tokens_per_s", "images_per_s", "mfu",
+                                                                            "peak_gib_per_device") if k in record))
             if step % cfg.eval_every == 0:
                 eval_loss = evaluate(setup, cfg, tokenizer, model_config)
                 run_log.write({"kind": "eval", "step": step, "eval_loss": eval_loss})
