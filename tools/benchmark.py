@@ -69,7 +69,8 @@ def bench_train(args, stage: str) -> None:
         images = B
     batch = {k: jax.device_put(v, s) for (k, v), s in
              zip(batch.items(), setup.batch_shardings(batch, micro_axis=True).values())}
-    compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    with jax.set_mesh(mesh):
+        compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     for i in range(args.steps + 3):
         if i == 3:
@@ -114,6 +115,43 @@ def bench_vision(args) -> None:
          device=jax.devices()[0].device_kind)
 
 
+def bench_generate(args) -> None:
+    """Greedy decode with the real generate code (prefill once, on-device while_loop over a static KV cache).
+
+    ms/step = (time of prompt+new tokens - time of prompt+8 tokens) / (new - 8): the prefill cancels out.
+    """
+    from flax import nnx
+
+    from ghostvis_jax.generate.decoding import Decoder, Sampling, decode
+    from ghostvis_jax.model.vlm import GhostVisModel
+
+    mcfg = model_config(args)
+    model = GhostVisModel(mcfg, rngs=nnx.Rngs(params=jax.random.key(0, impl="rbg")), dtype=jnp.bfloat16,
+                          param_dtype=jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    decoder = Decoder(graphdef, state)
+    llm_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.llm, nnx.Param)))
+    weight_bytes = 2 * llm_params
+    rng = np.random.default_rng(0)
+    for bs in args.gen_batches:
+        prompts = [list(rng.integers(10, mcfg.llm.vocab_size - 2, size=args.prompt)) for _ in range(bs)]
+
+        def timed(new: int) -> float:
+            decode(decoder, mcfg, prompts, None, max_new_tokens=new, sampling=Sampling(), stop_ids=[])
+            t0 = time.perf_counter()
+            decode(decoder, mcfg, prompts, None, max_new_tokens=new, sampling=Sampling(), stop_ids=[])
+            return time.perf_counter() - t0
+
+        short, full = timed(8), timed(args.new_tokens)
+        step = (full - short) / (args.new_tokens - 8)
+        ctx = args.prompt + args.new_tokens / 2
+        kv_bytes = 2 * mcfg.llm.num_layers * mcfg.llm.num_kv_heads * mcfg.llm.head_dim * 2 * ctx * bs
+        emit(bench="generate", batch=bs, prompt=args.prompt, new_tokens=args.new_tokens,
+             ms_per_step=round(step * 1e3, 3), tokens_per_s=round(bs / step),
+             bytes_per_step_gb=round((weight_bytes + kv_bytes) / 1e9, 3),
+             achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), device=jax.devices()[0].device_kind)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench", choices=["train-sft", "train-align", "train-full", "generate", "vision"])
@@ -141,9 +179,7 @@ def main() -> None:
         args.batch = args.batch or 64
         bench_vision(args)
     else:
-        from ghostvis_jax.generate_bench import bench_generate
-
-        bench_generate(args, emit)
+        bench_generate(args)
 
 
 if __name__ == "__main__":

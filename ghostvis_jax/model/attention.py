@@ -42,9 +42,21 @@ def naive_attention(q, k, v, *, causal: bool, mask=None, scale: float | None = N
     return jnp.einsum("bnts,bsnh->btnh", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
+def _same_batch_sharding(*xs):
+    """Under a mesh context, lay q, k and v out alike (batch over data x fsdp): cuDNN's partitioner requires
+    identical shardings, which GSPMD does not guarantee for differently-sized q and kv projections."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return xs
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    spec = jax.sharding.PartitionSpec(batch_axes if batch_axes else None)
+    return tuple(jax.lax.with_sharding_constraint(x, spec) for x in xs)
+
+
 def attention(q, k, v, *, causal: bool, mask=None, scale: float | None = None,
               implementation: str | None = None) -> jax.Array:
     impl = implementation or pick_implementation(q, k, mask)
+    q, k, v = _same_batch_sharding(q, k, v)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "naive":

@@ -125,8 +125,9 @@ def evaluate(setup, cfg, tokenizer, model_config) -> float:
         if i >= cfg.eval_batches:
             break
         local = {k: batch[k] for k in ("input_ids", "targets", "loss_mask", "pixel_values")}
-        loss_sum, n = setup.eval_step(setup.state["params"], setup.frozen,
-                                      _global_batch(setup.mesh, local, micro_axis=False))
+        with jax.set_mesh(setup.mesh):
+            loss_sum, n = setup.eval_step(setup.state["params"], setup.frozen,
+                                          _global_batch(setup.mesh, local, micro_axis=False))
         total, count = total + float(loss_sum), count + float(n)
     return total / max(count, 1.0)
 
@@ -168,7 +169,8 @@ def run(cfg) -> dict[str, Any]:
 
     batch, images = next_batch()
     t0 = time.perf_counter()
-    compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+    with jax.set_mesh(mesh):
+        compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     run_log.message(f"train step compiled in {compile_s:.1f} s; mesh {dict(mesh.shape)}; "
                     f"{jax.device_count()} devices, {jax.process_count()} processes")

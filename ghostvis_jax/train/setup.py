@@ -81,6 +81,21 @@ def _state_shardings(tx, trainable, trainable_sh, mesh: Mesh, seed: int) -> dict
     return out
 
 
+def random_params(model_config: GhostVisConfig, shardings: dict, *, seed: int, dtype) -> dict:
+    """Random weights at the real shapes, created eagerly on the first local device and then laid out.
+
+    One jit over the whole threefry initializer compiled for minutes on an H100 ("very slow compile" at 1.5B);
+    eager creation with XLA's RngBitGenerator ("rbg" keys) compiles one small kernel per distinct shape. Every
+    process computes the same values from the seed, so each contributes its own shards.
+    """
+    with jax.default_device(jax.local_devices()[0]):
+        rngs = nnx.Rngs(params=jax.random.key(seed, impl="rbg"))
+        model = GhostVisModel(model_config, rngs=rngs, dtype=dtype, param_dtype=jnp.float32)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), params, shardings)
+
+
 def split_by_labels(params: dict, labels: dict) -> tuple[dict, dict]:
     flat, flat_labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
     trainable = {p: x for p, x in flat.items() if flat_labels[p] != optim.FROZEN}
@@ -104,10 +119,7 @@ def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: in
         params = checkpoint.load_params(cfg.init_checkpoint, model_config, param_dtype=jnp.float32,
                                         shardings=full_shardings)
     else:
-        def init_params():
-            model = GhostVisModel(model_config, rngs=nnx.Rngs(cfg.seed), dtype=compute, param_dtype=jnp.float32)
-            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        params = jax.jit(init_params, out_shardings=full_shardings)()
+        params = random_params(model_config, full_shardings, seed=cfg.seed, dtype=compute)
 
     trainable, frozen = split_by_labels(params, labels_full)
     labels, _ = split_by_labels(labels_full, labels_full)

@@ -32,7 +32,8 @@ def _run(setup, batches):
         batch = stack_micro_batches(micro)
         shardings = setup.batch_shardings(batch, micro_axis=True)
         batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-        setup.state, metrics = setup.train_step(setup.state, setup.frozen, batch)
+        with jax.set_mesh(setup.mesh):  # as the loop does: attention inputs get their batch sharding
+            setup.state, metrics = setup.train_step(setup.state, setup.frozen, batch)
         losses.append(float(metrics["loss"]))
     return losses
 
