@@ -20,6 +20,11 @@ import numpy as np
 
 from ghostvis_jax.data import chat
 from ghostvis_jax.data.images import ImageDecodeError, preprocess_image
+from ghostvis_jax.data.sources import EmptyDatasetError
+
+# Rows read in a row without a usable one before the batcher gives up: a dataset whose every row is skipped or
+# dropped (all images unreadable, all too long, ...) would otherwise be repeated forever without a batch.
+MAX_UNUSABLE_IN_A_ROW = 1000
 
 # Tasks whose answers survive a horizontal flip. Everything else may mention text, charts or left/right.
 FLIP_SAFE_TASKS = frozenset({"shapes_vqa"})
@@ -97,6 +102,7 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
         self._pending: tuple[dict, Any] | None = None  # (row, parent state before reading it)
         self._counts = _empty_counts()
         self._exhausted = False
+        self._unusable_streak = 0
 
     def _count(self, kind: str, dataset: str, reason: str):
         per = self._counts[kind].setdefault(dataset, {})
@@ -125,15 +131,21 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
                 break
             row, state = pulled
             name = row.get("dataset", "?")
-            if "skipped" in row:
-                self._count("skipped", name, row["skipped"])
+            if "skipped" in row or "dropped" in row or row["num_images"] > s.max_images:
+                if "skipped" in row:
+                    self._count("skipped", name, row["skipped"])
+                elif "dropped" in row:
+                    self._count("dropped", name, row["dropped"])
+                else:
+                    self._count("dropped", name, "more images than max_images_per_batch")
+                self._unusable_streak += 1
+                if self._unusable_streak >= MAX_UNUSABLE_IN_A_ROW:
+                    raise EmptyDatasetError(
+                        f"no usable row in the last {self._unusable_streak} rows read (skipped: "
+                        f"{self._counts['skipped']}, dropped: {self._counts['dropped']}); a dataset whose every "
+                        "row is unreadable or too long would repeat forever without a batch")
                 continue
-            if "dropped" in row:
-                self._count("dropped", name, row["dropped"])
-                continue
-            if row["num_images"] > s.max_images:
-                self._count("dropped", name, "more images than max_images_per_batch")
-                continue
+            self._unusable_streak = 0
             if n_images + row["num_images"] > s.max_images:
                 self._pending = (row, state)
                 break
