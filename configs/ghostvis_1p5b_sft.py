@@ -7,7 +7,7 @@ train on the token-balanced vision_sft_minimal mix (LLaVA-Instruct, VQAv2, TextV
   # smoke / benchmark shapes without weights: --config.init=random --config.tokenizer=tiny
 """
 
-from ghostvis_jax.train.config import base_config
+from ghostvis_jax.train.config import base_config, dataset_slots
 
 
 def get_config():
@@ -22,6 +22,7 @@ def get_config():
     c.optim.weight_decay, c.optim.b1, c.optim.b2 = 0.01, 0.9, 0.95
     c.optim.warmup_steps = 300
     c.data.recipe = "vision_sft_minimal"
+    c.data.datasets = dataset_slots(c.data.recipe)  # --config.data.datasets.NAME.path=… / .image_root=…
     c.data.batch_size, c.data.max_length = 8, 2048
     c.grad_accum_steps = 4
     c.checkpoint_every, c.eval_every, c.log_every = 1000, 1000, 10

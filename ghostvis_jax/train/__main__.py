@@ -28,5 +28,30 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def _load_config_file(argv: list[str]):
+    import importlib.util
+
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (argv[i + 1] if arg == "--config" and
+                                                                            i + 1 < len(argv) else None)
+        if path:
+            spec = importlib.util.spec_from_file_location("experiment_config", path.split(":", 1)[0])
+            if spec is None:
+                sys.exit(f"error: --config {path}: not a Python config file")
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except FileNotFoundError:
+                sys.exit(f"error: --config {path}: no such file")
+            return module.get_config()
+    return None
+
+
 if __name__ == "__main__":
+    from ghostvis_jax.train.config import unknown_override
+
+    config = _load_config_file(sys.argv)
+    problem = config is not None and unknown_override(config, sys.argv[1:])
+    if problem:
+        sys.exit(f"error: {problem}")
     app.run(main)

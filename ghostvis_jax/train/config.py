@@ -60,8 +60,32 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def dataset_slots(recipe: str) -> ml_collections.ConfigDict:
+    """One overridable entry per dataset of a recipe, so `--config.data.datasets.NAME.path=/data/...` works on the
+    locked command-line config. Empty strings mean "not given" (load by hub id)."""
+    from ghostvis_jax.data.recipes import get_recipe
+
+    return ml_collections.ConfigDict({name: {"path": "", "eval_path": "", "image_root": ""}
+                                      for name in get_recipe(recipe)})
+
+
 class ConfigError(ValueError):
     pass
+
+
+def unknown_override(config: ml_collections.ConfigDict, argv: list[str]) -> str | None:
+    """The first `--config.a.b=v` whose key does not exist, as an error naming the valid keys at that level."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        node, walked = config, "config"
+        for part in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                return f"unknown config key '{walked}.{part}'; valid keys of {walked}: {valid}"
+            node, walked = node[part], f"{walked}.{part}"
+    return None
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:

@@ -22,7 +22,7 @@ from ghostvis_jax.train import setup as train_setup
 from ghostvis_jax.train.checkpointing import TrainCheckpointer, abstract_like
 from ghostvis_jax.train.config import ConfigError, validate
 from ghostvis_jax.train.feedback import RunLog, plot_loss_curve
-from ghostvis_jax.train.flops import PEAK_BF16_FLOPS, train_step_flops
+from ghostvis_jax.train.flops import train_step_flops
 from ghostvis_jax.train.step import stack_micro_batches
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ def _barrier(name: str) -> None:
 def _data_config(cfg) -> dict:
     data = cfg.data.to_dict()
     data["cache_dir"] = data.get("cache_dir") or None
+    data["datasets"] = {name: {k: v for k, v in spec.items() if v != ""}  # "" = not given on the command line
+                        for name, spec in (data.get("datasets") or {}).items()}
     return data
 
 
@@ -181,6 +183,7 @@ def run(cfg) -> dict[str, Any]:
     first_step = step
     last_saved, stopped_by = latest, None
     window_t, window_steps, window_images = time.perf_counter(), 0, 0
+    shown: dict = {}
     with _StopFlag() as stop:
         while step < cfg.num_steps:
             setup.state, metrics = compiled(setup.state, setup.frozen, batch)
@@ -208,12 +211,16 @@ def run(cfg) -> dict[str, Any]:
                     flops = train_step_flops(model_config, stage=cfg.stage, batch=rows * jax.process_count(),
                                              seq=seq, num_images=images * jax.process_count(),
                                              trainable_layers=cfg.num_trainable_layers)
-                    record["mfu"] = flops * window_steps / dt / (PEAK_BF16_FLOPS * jax.device_count())
+                    record["mfu"] = flops * window_steps / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
                     record["peak_gib_per_device"] = max(
                         (d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
                 window_t, window_steps, window_images = time.perf_counter(), 0, 0
             run_log.write(record)
-            run_log.progress(1, loss=record["loss"], **{k: record[k] for k in ("tokens_per_s", "mfu") if k in record})
+            if "tokens_per_s" in record:
+                shown = {"tok/s": record["tokens_per_s"], "img/s": record["images_per_s"],
+                         "lr": max(record["lr"].values())}
+                shown.update({"mfu": record["mfu"]} if "mfu" in record else {})
+            run_log.progress(1, loss=record["loss"], **shown)
             if "tokens_per_s" in record and not cfg.progress_bar:
                 run_log.message(f"step {step}: loss {record['loss']:.4f} "
                                 + " ".join(f"{k} {record[k]:.4g}" for k in ("tokens_per_s", "images_per_s", "mfu",

@@ -116,3 +116,12 @@ def test_non_finite_batch_skips_the_update():
     assert all(np.array_equal(before[k], v) for k, v in _flat(setup.state["params"]).items())
     _run(setup, [[random_batch(2)]])
     assert int(setup.state["skipped"]) == 1 and int(setup.state["bad_streak"]) == 0
+
+
+def test_remat_policy_changes_memory_not_numbers():
+    mesh = sharding.make_mesh(fsdp=-1)
+    batches = [[random_batch(3)]] * 2
+    plain = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
+    remat = train_setup.build(tiny_model_config(), _cfg(remat="dots"), mesh, total_steps=10)
+    assert remat.graphdef != plain.graphdef  # the policy is part of the compiled model
+    np.testing.assert_allclose(_run(plain, batches), _run(remat, batches), rtol=1e-6)
