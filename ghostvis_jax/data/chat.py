@@ -76,7 +76,9 @@ class RenderError(ValueError):
 def _encode(tokenizer, text: str) -> list[int]:
     if not text:
         return []
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    # split_special_tokens: "<|im_start|>" or "<|image_pad|>" typed in user or dataset text stays plain text
+    # (HF tokenizers otherwise turn it into the special id: a forged turn header or an extra image slot).
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
 
 def _render_messages(tokenizer, messages: Sequence[dict[str, Any]], num_image_tokens: int,
