@@ -25,6 +25,10 @@ class EmptyDatasetError(RuntimeError):
     """A dataset with no usable row (every row skipped, or no rows at all)."""
 
 
+class DatasetReadError(ValueError):
+    """Local dataset files that cannot be read (not valid parquet / JSON / ..., e.g. text that is not UTF-8)."""
+
+
 def _undecoded(feature):
     import datasets
 
@@ -76,7 +80,13 @@ def load_hf_dataset(name: str, split: str = "train", *, path: str | None = None,
                 ds = ds[keys[0]]
         else:
             builder, files = _local_files(path, split)
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
+            try:
+                ds = datasets.load_dataset(builder, data_files=files, split="train")
+            except Exception as e:  # noqa: BLE001 — datasets wraps the cause in a message naming nothing
+                cause = e.__cause__ or e
+                shown = ", ".join(files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+                raise DatasetReadError(f"dataset {name!r}: cannot read {shown} as {builder} "
+                                       f"({type(cause).__name__}: {cause})") from e
     else:
         hub_id = hub_id or (src.hub_id if src else None)
         if not hub_id:
