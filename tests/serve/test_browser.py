@@ -33,7 +33,8 @@ def browser_paths():
 @pytest.fixture(scope="module")
 def browser():
     chromium, driver_path = browser_paths()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extra: pip install -e '.[test]'")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is in the test extra: pip install -e '.[test]'")
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="ghostvis_chromium_")
