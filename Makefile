@@ -15,4 +15,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	bash tools/install_browser.sh
 	$(PY) -m pytest
+
+# The demo rebuilds runs/demo from scratch each time (tools/demo.py --fresh); ~5-6 min on a 2-core CPU.
+.PHONY: demo
+demo: $(STAMP)
+	$(PY) tools/demo.py --out runs/demo --fresh
