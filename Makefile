@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	bash tools/install_browser.sh
+	-bash tools/install_browser.sh  # a failure here only makes the browser test skip, with the reason
 	$(PY) -m pytest
 
 # The demo rebuilds runs/demo from scratch each time (tools/demo.py --fresh); ~5-6 min on a 2-core CPU.

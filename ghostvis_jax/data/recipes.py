@@ -27,6 +27,9 @@ RECIPES: dict[str, dict[str, dict]] = {
     "synthetic_pretrain": _recipe(synthetic_shapes_caption=1.0),
     "synthetic_sft": _recipe(synthetic_shapes_vqa=0.4, synthetic_words_ocr=0.2, synthetic_bar_chart=0.2,
                              synthetic_shapes_caption=0.2),
+    # The `make demo` SFT mix: mostly the short-answer shapes questions the demo's accuracy claim is about.
+    "synthetic_sft_demo": _recipe(synthetic_shapes_vqa=0.7, synthetic_words_ocr=0.1, synthetic_bar_chart=0.1,
+                                  synthetic_shapes_caption=0.1),
 }
 
 
