@@ -26,6 +26,8 @@ from ghostvis_jax.weights.readers import WeightFileError, read_hf_folder, read_w
 log = logging.getLogger(__name__)
 IMAGE_PAD_TOKEN = "<|image_pad|>"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# Weights must be stored as floats: an integer or bool tensor would be cast silently into garbage parameters.
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
 
 
 class ConversionError(ValueError):
@@ -77,6 +79,10 @@ def _apply_entries(entries, state, source, ignored, expected, out, problems, ign
             problems.append(f"{source}: missing key {e.torch_key!r} (model parameter shape {shapes[0]})")
             continue
         used.add(e.torch_key)
+        dtype = np.asarray(state[e.torch_key]).dtype
+        if dtype not in FLOAT_DTYPES:
+            problems.append(f"{source}: key {e.torch_key!r} has dtype {dtype}, not a floating-point weight")
+            continue
         for path, arr in zip(e.paths, e.to_jax(np.asarray(state[e.torch_key]))):
             want = expected.get(path)
             if want != tuple(arr.shape):
