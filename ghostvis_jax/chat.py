@@ -114,7 +114,13 @@ def main(argv=None, stdin: TextIO | None = None, stdout: TextIO | None = None) -
     import ghostvis_jax as gv
 
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    model = gv.load(args.checkpoint, dtype=dtype)
+    from ghostvis_jax.checkpoint import CheckpointError
+
+    try:
+        model = gv.load(args.checkpoint, dtype=dtype)
+    except CheckpointError as e:  # missing / incomplete / corrupt folder: a message, not a traceback
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     interactive = stdin.isatty()
     if interactive:
         stdout.write(f"GhostVis chat ({args.checkpoint}). {HELP}\n")
