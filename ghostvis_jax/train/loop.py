@@ -246,9 +246,15 @@ def run(cfg) -> dict[str, Any]:
     run_log.close()
     summary = {"step": step, "skipped_updates": int(setup.state["skipped"]), "compile_s": compile_s,
                "failed_checkpoint_saves": ckpt.failed_saves, "data": data_it.counts()}
+    saved = ckpt.latest_step()
     if stopped_by:
         summary["stopped_by"] = stopped_by
-        run_log.message(f"stopped by {stopped_by} at step {step}; checkpoint saved. Resume with --config.resume=True")
+        if saved == step:
+            run_log.message(f"stopped by {stopped_by} at step {step}; checkpoint saved. "
+                            f"Resume with --config.resume=True")
+        else:
+            run_log.message(f"stopped by {stopped_by} at step {step}; the final checkpoint could NOT be saved "
+                            f"(see the error above); resuming continues from step {saved}")
         return summary
     model_dir = os.path.join(cfg.workdir, "model")
     checkpoint.save_model(model_dir, model_config, setup.full_params(), tokenizer_dir=tok_dir)
