@@ -11,22 +11,13 @@ from PIL import Image
 
 import ghostvis_jax as gv
 from ghostvis_jax.chat import ChatSession, run
-from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
-from ghostvis_jax.testing import tiny_models
-from ghostvis_jax.weights.convert import convert
 
 MAX_NEW = 5
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "tiny_generate_ckpt"  # shared by the generate/eval/chat tests
-    if not (root / "ckpt" / "ghostvis_config.json").exists():
-        tiny_models.build_qwen(str(root / "qwen"))
-        tiny_models.build_siglip(str(root / "siglip"))
-        convert(str(root / "qwen"), str(root / "siglip"), str(root / "ckpt"),
-                resampler=ResamplerConfig(num_latents=4, num_heads=4), projector=ProjectorConfig(hidden_size=48))
-    return str(root / "ckpt")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

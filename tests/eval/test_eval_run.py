@@ -11,11 +11,8 @@ from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
 import ghostvis_jax as gv  # noqa: F401  (the checkpoint fixture loads through it)
-from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
 from ghostvis_jax.eval import metrics
 from ghostvis_jax.eval.run import evaluate, main
-from ghostvis_jax.testing import tiny_models
-from ghostvis_jax.weights.convert import convert
 
 ROWS = 5
 COLORS = ("red", "green", "blue", "pink", "gray")
@@ -23,14 +20,8 @@ CORRUPT = {"bytes": b"\xff\xd8 not a jpeg", "path": "corrupt.jpg"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "tiny_generate_ckpt"  # shared by the generate/eval/chat tests
-    if not (root / "ckpt" / "ghostvis_config.json").exists():
-        tiny_models.build_qwen(str(root / "qwen"))
-        tiny_models.build_siglip(str(root / "siglip"))
-        convert(str(root / "qwen"), str(root / "siglip"), str(root / "ckpt"),
-                resampler=ResamplerConfig(num_latents=4, num_heads=4), projector=ProjectorConfig(hidden_size=48))
-    return str(root / "ckpt")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def png(i):

@@ -8,25 +8,16 @@ import pytest
 from PIL import Image
 
 import ghostvis_jax as gv
-from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
 from ghostvis_jax.data.chat import render_prompt
 from ghostvis_jax.data.images import ImageDecodeError
 from ghostvis_jax.generate import decoder_for, filter_logits
-from ghostvis_jax.testing import tiny_models
-from ghostvis_jax.weights.convert import convert
 
 REFERENCE_LEN = 64  # the full-forward reference runs at one padded length, so it compiles once
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "tiny_generate_ckpt"  # shared by the generate/eval/chat tests
-    if not (root / "ckpt" / "ghostvis_config.json").exists():
-        tiny_models.build_qwen(str(root / "qwen"))
-        tiny_models.build_siglip(str(root / "siglip"))
-        convert(str(root / "qwen"), str(root / "siglip"), str(root / "ckpt"),
-                resampler=ResamplerConfig(num_latents=4, num_heads=4), projector=ProjectorConfig(hidden_size=48))
-    return gv.load(str(root / "ckpt"))
+def model(tiny_checkpoint):
+    return gv.load(tiny_checkpoint)
 
 
 def images(n, seed=0):

@@ -170,21 +170,6 @@ def hostile_images(tmp_path_factory):
 # ---- one tiny converted checkpoint per session (shared with the generate / chat tests' layout) ---------------
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
-    from ghostvis_jax.testing import tiny_models
-    from ghostvis_jax.weights.convert import convert
-
-    root = tmp_path_factory.getbasetemp() / "tiny_generate_ckpt"
-    if not (root / "ckpt" / "ghostvis_config.json").exists():
-        tiny_models.build_qwen(str(root / "qwen"))
-        tiny_models.build_siglip(str(root / "siglip"))
-        convert(str(root / "qwen"), str(root / "siglip"), str(root / "ckpt"),
-                resampler=ResamplerConfig(num_latents=4, num_heads=4), projector=ProjectorConfig(hidden_size=48))
-    return str(root / "ckpt")
-
-
-@pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     import ghostvis_jax as gv
 

@@ -7,10 +7,7 @@ import pytest
 from PIL import Image
 
 import ghostvis_jax as gv
-from ghostvis_jax.config import ProjectorConfig, ResamplerConfig
 from ghostvis_jax.serve import Limits, make_server
-from ghostvis_jax.testing import tiny_models
-from ghostvis_jax.weights.convert import convert
 
 # Small limits, so the over-limit cases are cheap to send.
 LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_images=4, max_new_tokens=32,
@@ -18,14 +15,8 @@ LIMITS = Limits(max_body_bytes=400_000, max_image_bytes=150_000, max_images=4, m
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "tiny_generate_ckpt"  # shared with the generate/eval/chat tests
-    if not (root / "ckpt" / "ghostvis_config.json").exists():
-        tiny_models.build_qwen(str(root / "qwen"))
-        tiny_models.build_siglip(str(root / "siglip"))
-        convert(str(root / "qwen"), str(root / "siglip"), str(root / "ckpt"),
-                resampler=ResamplerConfig(num_latents=4, num_heads=4), projector=ProjectorConfig(hidden_size=48))
-    return str(root / "ckpt")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
