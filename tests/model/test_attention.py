@@ -64,3 +64,13 @@ def test_naive_equals_xla_under_jit():
     a = jax.jit(lambda *x: naive_attention(*x, causal=True))(q, k, v)
     b = jax.jit(lambda *x: attention(*x, causal=True, implementation="xla"))(q, k, v)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_matches_reference_on_gpu(causal):
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(4, b=2, t=128, s=128, n=8, k=2, h=64))
+    assert pick_implementation(q, k, None) == "cudnn"
+    got = attention(q, k, v, causal=causal, implementation="cudnn").astype(jnp.float32)
+    want = naive_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), causal=causal)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
