@@ -1,4 +1,4 @@
-"""The web page's API on 127.0.0.1 (ghostvis_jax/serve.py): hostile images, an oversized upload, a wrong content
+"""The web page's API on 127.0.0.1 (ghostvis_jax/serve/): hostile images, an oversized upload, a wrong content
 type, and many concurrent chat requests; answers stay correct and the server stays up."""
 
 import base64

@@ -1,0 +1,5 @@
+import sys
+
+from ghostvis_jax.serve.server import main
+
+sys.exit(main())
