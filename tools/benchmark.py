@@ -102,10 +102,9 @@ def bench_vision(args) -> None:
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, vcfg.image_size, vcfg.image_size, 3)),
                     jnp.bfloat16)
-    for i in range(args.steps + 3):
-        if i == 3:
-            jax.block_until_ready(out)
-            t0 = time.perf_counter()
+    out = jax.block_until_ready([forward(state, x) for _ in range(3)])  # compile + warm-up
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
         out = forward(state, x)
     jax.block_until_ready(out)
     dt = (time.perf_counter() - t0) / args.steps

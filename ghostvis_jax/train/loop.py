@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,7 +13,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from ghostvis_jax import checkpoint, sharding
 from ghostvis_jax.config import GhostVisConfig, preset

@@ -10,7 +10,6 @@ import pytest
 from datasets import Features, Image, List, Value
 from PIL import Image as PILImage
 
-import ghostvis_jax as gv  # noqa: F401  (the checkpoint fixture loads through it)
 from ghostvis_jax.eval import metrics
 from ghostvis_jax.eval.run import evaluate, main
 

@@ -1,8 +1,6 @@
 """generate with the KV cache against repeated full forwards, left padding, stops, sampling, streaming, images."""
 
-import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image

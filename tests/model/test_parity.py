@@ -1,6 +1,5 @@
 """Converted tiny HF / torch models give the same numbers in JAX (float32, relative error ≤ 1e-4)."""
 
-import os
 
 import jax.numpy as jnp
 import numpy as np

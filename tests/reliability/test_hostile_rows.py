@@ -3,7 +3,6 @@ through the same source + per-example preparation the pipeline runs; an empty da
 
 import io
 import json
-import os
 
 import datasets
 import numpy as np
