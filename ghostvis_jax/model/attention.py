@@ -56,7 +56,8 @@ def _same_batch_sharding(*xs):
 def attention(q, k, v, *, causal: bool, mask=None, scale: float | None = None,
               implementation: str | None = None) -> jax.Array:
     impl = implementation or pick_implementation(q, k, mask)
-    q, k, v = _same_batch_sharding(q, k, v)
+    if impl == "cudnn":
+        q, k, v = _same_batch_sharding(q, k, v)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "naive":

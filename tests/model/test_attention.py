@@ -74,3 +74,20 @@ def test_cudnn_matches_reference_on_gpu(causal):
     got = attention(q, k, v, causal=causal, implementation="cudnn").astype(jnp.float32)
     want = naive_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), causal=causal)
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_cudnn_inputs_get_one_batch_sharding_under_a_mesh():
+    """cuDNN's partitioner needs q, k and v laid out alike; under a mesh they are constrained to the batch axes."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from ghostvis_jax import sharding
+    from ghostvis_jax.model.attention import _same_batch_sharding
+
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    q, k, v = _qkv(5, b=8)
+    k = jax.device_put(k, NamedSharding(mesh, P(None, None, None, "fsdp")))  # a different layout going in
+    with jax.set_mesh(mesh):
+        outs = jax.jit(lambda *x: _same_batch_sharding(*x))(q, k, v)
+    for x in outs:
+        assert x.sharding.spec[0] == ("data", "fsdp")
+    assert _same_batch_sharding(q) == (q,)  # no mesh: untouched

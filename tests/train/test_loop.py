@@ -123,3 +123,29 @@ def test_every_config_file_parses_with_the_documented_overrides(config):
                            "--config.mesh.data=3"], capture_output=True, text=True, cwd=REPO, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert "error: config.mesh: mesh data=3" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_non_finite_streak_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from ghostvis_jax.train import loop
+    from ghostvis_jax.train.loop import TrainingDiverged
+
+    calls = {"n": 0}
+    real = loop.stack_micro_batches
+
+    def poisoned_from_step_3(micro):
+        calls["n"] += 1
+        out = real(micro)
+        if calls["n"] >= 3:
+            out["pixel_values"] = np.full_like(out["pixel_values"], np.nan)
+        return out
+
+    monkeypatch.setattr(loop, "stack_micro_batches", poisoned_from_step_3)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(TrainingDiverged, match=r"2 non-finite updates in a row at step 4; .*last good checkpoint is "
+                                               r"step 2"):
+        run(tiny_train_config(workdir, num_steps=6, checkpoint_every=2, max_bad_steps=2))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    assert not os.path.exists(os.path.join(workdir, "model"))
+    monkeypatch.undo()  # clean data again: the resumed run continues from step 2
+    resumed = run(tiny_train_config(workdir, num_steps=3, resume=True))
+    assert resumed["step"] == 3 and resumed["skipped_updates"] == 0
