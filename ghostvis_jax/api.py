@@ -11,9 +11,9 @@ from flax import nnx
 
 from ghostvis_jax import checkpoint
 from ghostvis_jax.config import GhostVisConfig
+from ghostvis_jax.model.layers import DTYPES
 from ghostvis_jax.model.vlm import GhostVisModel, check_image_slots
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class GhostVis:

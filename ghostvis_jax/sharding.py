@@ -9,11 +9,10 @@ divide is left unsharded rather than padded, so any model runs on any mesh.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -78,12 +77,12 @@ def spec_for(shape: tuple[int, ...], logical_axes: tuple | None, mesh: Mesh) -> 
     return P(*out)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings (same tree as `state`, Variables replaced) from each Variable's logical_axes."""
-    def one(v):
-        return NamedSharding(mesh, spec_for(tuple(v.shape), getattr(v, "logical_axes", None), mesh))
-
-    return jax.tree_util.tree_map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def param_shardings(state: nnx.State, mesh: Mesh) -> dict:
+    """NamedShardings as a nested pure dict (the layout of `nnx.to_pure_dict(state)`), from each Variable's
+    logical_axes."""
+    flat = {path: NamedSharding(mesh, spec_for(tuple(v.shape), getattr(v, "logical_axes", None), mesh))
+            for path, v in nnx.to_flat_state(state)}
+    return traverse_util.unflatten_dict(flat)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, *, leading_unsharded: int = 0) -> NamedSharding:
@@ -93,7 +92,3 @@ def batch_sharding(mesh: Mesh, ndim: int, *, leading_unsharded: int = 0) -> Name
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def batch_divisor(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -24,6 +24,7 @@ from ghostvis_jax import sharding
 from ghostvis_jax.config import ResamplerConfig, preset
 from ghostvis_jax.train import setup as train_setup
 from ghostvis_jax.train.config import base_config
+from ghostvis_jax.train.feedback import peak_memory_gib
 from ghostvis_jax.train.flops import PEAK_BF16_FLOPS, train_step_flops, vision_flops_per_image
 
 VISION = {"large256": "siglip-large-patch16-256", "so400m384": "siglip-so400m-patch14-384",
@@ -32,11 +33,6 @@ VISION = {"large256": "siglip-large-patch16-256", "so400m384": "siglip-so400m-pa
 
 def emit(**kw) -> None:
     print(json.dumps({"peer": "jax", **kw}), flush=True)
-
-
-def peak_gib() -> float:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return round(stats.get("peak_bytes_in_use", 0) / 2**30, 1)
 
 
 def model_config(args):
@@ -87,7 +83,7 @@ def bench_train(args, stage: str) -> None:
          devices=n_dev, mesh=dict(mesh.shape), remat=args.remat, step_ms=round(dt * 1e3, 2),
          tokens_per_s=round(B * T / dt), tokens_per_s_per_device=round(B * T / dt / n_dev),
          images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
-         mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=peak_gib(),
+         mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
          compile_s=round(compile_s, 1), loss=float(metrics["loss"]), device=jax.devices()[0].device_kind)
 
 

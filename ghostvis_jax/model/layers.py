@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Dtype = jnp.dtype
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config / CLI names of the dtypes we run in
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:

@@ -30,9 +30,6 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: dict, data_state: Any, meta: dict) -> bool:
         if not all_finite(state["params"]):
             log.error("not saving step %d: the parameters hold NaN or Inf", step)

@@ -46,6 +46,11 @@ class RunLog:
             self.bar.close()
 
 
+def peak_memory_gib() -> float:
+    """The largest peak allocation over this process's devices (0 where the backend reports none)."""
+    return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
+
+
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"

@@ -19,7 +19,7 @@ from ghostvis_jax.config import GhostVisConfig, preset
 from ghostvis_jax.train import setup as train_setup
 from ghostvis_jax.train.checkpointing import TrainCheckpointer, abstract_like
 from ghostvis_jax.train.config import ConfigError, validate
-from ghostvis_jax.train.feedback import RunLog, plot_loss_curve
+from ghostvis_jax.train.feedback import RunLog, peak_memory_gib, plot_loss_curve
 from ghostvis_jax.train.flops import train_step_flops
 from ghostvis_jax.train.step import stack_micro_batches
 
@@ -210,8 +210,7 @@ def run(cfg) -> dict[str, Any]:
                                              seq=seq, num_images=images * jax.process_count(),
                                              trainable_layers=cfg.num_trainable_layers)
                     record["mfu"] = flops * window_steps / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
-                    record["peak_gib_per_device"] = max(
-                        (d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
+                    record["peak_gib_per_device"] = peak_memory_gib()
                 window_t, window_steps, window_images = time.perf_counter(), 0, 0
             run_log.write(record)
             if "tokens_per_s" in record:

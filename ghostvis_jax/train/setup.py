@@ -13,11 +13,11 @@ from jax.sharding import Mesh
 
 from ghostvis_jax import checkpoint, sharding
 from ghostvis_jax.config import GhostVisConfig
+from ghostvis_jax.model.layers import DTYPES
 from ghostvis_jax.model.vlm import GhostVisModel
 from ghostvis_jax.train import optim
 from ghostvis_jax.train.step import initial_state, make_eval_step, make_train_step
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -49,12 +49,6 @@ class TrainSetup:
         flat = dict(traverse_util.flatten_dict(self.frozen))
         flat.update(traverse_util.flatten_dict(self.state["params"]))
         return traverse_util.unflatten_dict(flat)
-
-
-def _pure_shardings(state: nnx.State, mesh: Mesh) -> dict:
-    flat = {path: sharding.spec_for(tuple(v.shape), getattr(v, "logical_axes", None), mesh)
-            for path, v in nnx.to_flat_state(state)}
-    return traverse_util.unflatten_dict({p: jax.sharding.NamedSharding(mesh, s) for p, s in flat.items()})
 
 
 def _state_shardings(tx, trainable, trainable_sh, mesh: Mesh, seed: int) -> dict:
@@ -112,7 +106,7 @@ def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: in
     layer_kw = dict(stage=cfg.stage, num_layers=model_config.llm.num_layers,
                     num_trainable_layers=cfg.num_trainable_layers)
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    full_shardings = _pure_shardings(abstract_params, mesh)
+    full_shardings = sharding.param_shardings(abstract_params, mesh)
     labels_full = optim.labels_for(nnx.to_pure_dict(abstract_params), **layer_kw)
 
     if cfg.init == "checkpoint":

@@ -19,7 +19,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -27,10 +26,10 @@ from flax import traverse_util
 from ghostvis_jax import checkpoint
 from ghostvis_jax.config import GhostVisConfig, SiglipConfig
 from ghostvis_jax.weights import mapping
+from ghostvis_jax.weights.convert import DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 LLM_DIR = "llm"
 VISION_DIR = "vision"
 ADAPTERS_SAFETENSORS = "adapters.safetensors"
