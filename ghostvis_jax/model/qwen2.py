@@ -122,6 +122,12 @@ class Qwen2Decoder(nnx.Module):
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
 
+    def head_weight(self) -> jax.Array:
+        """The LM head as [vocab, hidden]: the embedding table when tied (the training loss multiplies by it)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...]
+        return self.lm_head.kernel[...].T
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
             return self.embed_tokens.attend(hidden)

@@ -26,10 +26,10 @@ def _loss_sum(graphdef, params, frozen, batch, rng, *, chunk_size: int, dropout:
     dropout_rngs = nnx.Rngs(dropout=rng) if dropout else None
     pixel_values = batch.get("pixel_values")
     hidden, _ = model.hidden_states(batch["input_ids"], pixel_values, dropout_rngs=dropout_rngs)
-    return chunked_cross_entropy(model.llm.logits, hidden, batch["targets"], batch["loss_mask"], chunk_size)
+    return chunked_cross_entropy(model.llm.head_weight(), hidden, batch["targets"], batch["loss_mask"], chunk_size)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: int = 1024,
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: int = 2048,
                     dropout: bool = False) -> Callable:
     def grad_of_micro(params, frozen, micro, rng):
         def f(p):
@@ -75,7 +75,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: i
     return train_step
 
 
-def make_eval_step(graphdef, *, chunk_size: int = 1024) -> Callable:
+def make_eval_step(graphdef, *, chunk_size: int = 2048) -> Callable:
     """(params, frozen, batch without micro axis) → (loss sum, loss-token count)."""
     def eval_step(params, frozen, batch):
         return _loss_sum(graphdef, params, frozen, batch, None, chunk_size=chunk_size, dropout=False)
