@@ -5,8 +5,14 @@ then one jitted `lax.while_loop` samples a token, feeds it back, and stops when 
 token or `max_new_tokens` is reached. Streaming runs the same step as a jitted function from Python instead,
 one host round-trip per token.
 
-Shapes are bucketed (batch, prompt length, cache length, image count → powers of two), and max_new_tokens,
-temperature, top-k, top-p and the seed are traced values, so repeated calls reuse the compiled functions.
+Shapes are bucketed (batch and image count → powers of two; prompt and cache length → half-octave steps
+2^k or 3·2^(k-1), so a 192-token prompt is not padded to 256: the decode step reads the whole cache), and
+max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated calls reuse the compiled
+functions.
+
+The loop body runs `unroll` decode steps per iteration: a GPU `while` pays a device→host copy of its predicate
+and a fresh launch of the body per iteration, which at batch 1 costs as much as the step's own kernels.
+Steps past max_new_tokens inside the last iteration write only past the returned columns.
 
 Left padding: row b's real tokens sit at the end of the prompt block; `valid` marks them. Positions count
 from 0 at each row's first real token; a query attends to valid keys at or before it. Padded queries attend
@@ -35,6 +41,13 @@ def bucket(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
     n = max(int(n), minimum, 1)
     return 1 << (n - 1).bit_length()
+
+
+def length_bucket(n: int, minimum: int = 1) -> int:
+    """The smallest 2^k or 3·2^(k-1) >= max(n, minimum): at most 1.5x padding, two compiles per octave."""
+    power = bucket(n, minimum)
+    three_quarters = 3 * power // 4
+    return three_quarters if power >= 4 and three_quarters >= max(int(n), minimum) else power
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +111,7 @@ class _Jitted:
     """prefill / loop / step of one model structure. Parameters travel as a flat list of arrays: flattening an
     nnx.State costs milliseconds per call, a list microseconds (it matters once per streamed token)."""
 
-    def __init__(self, graphdef, treedef):
+    def __init__(self, graphdef, treedef, unroll: int):
         def model(leaves):
             return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
@@ -110,8 +123,13 @@ class _Jitted:
             def cond(c):
                 return (c[4] < max_new_tokens) & ~jnp.all(c[3])
 
-            return jax.lax.while_loop(cond, lambda c: _step(model(leaves), c, sampling, stop_ids, prompt_len)[0],
-                                      carry)
+            def body(c):
+                m = model(leaves)
+                for _ in range(unroll):
+                    c = _step(m, c, sampling, stop_ids, prompt_len)[0]
+                return c
+
+            return jax.lax.while_loop(cond, body, carry)
 
         self.loop = jax.jit(loop, donate_argnames=("carry",))
         self.step = jax.jit(lambda leaves, carry, sampling, stop_ids, prompt_len: _step(
@@ -119,16 +137,24 @@ class _Jitted:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(graphdef, treedef) -> _Jitted:  # shared by every loaded model of the same structure
-    return _Jitted(graphdef, treedef)
+def _jitted(graphdef, treedef, unroll: int) -> _Jitted:  # shared by every loaded model of the same structure
+    return _Jitted(graphdef, treedef, unroll)
+
+
+DEFAULT_UNROLL = 4
 
 
 class Decoder:
-    """A model's parameters, flattened once, with the jitted functions of its structure."""
+    """A model's parameters, flattened once, with the jitted functions of its structure.
 
-    def __init__(self, graphdef, state):
+    unroll: decode steps per loop iteration (see the module docstring)."""
+
+    def __init__(self, graphdef, state, unroll: int = DEFAULT_UNROLL):
+        if unroll < 1:
+            raise ValueError(f"unroll must be >= 1, got {unroll}")
         self.leaves, treedef = jax.tree.flatten(state)
-        self.jitted = _jitted(graphdef, treedef)
+        self.unroll = unroll
+        self.jitted = _jitted(graphdef, treedef, unroll)
 
 
 # ---- host side ----------------------------------------------------------------------------------------------
@@ -164,8 +190,8 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
                          f"{max_positions} positions")
     n = len(prompts)
     batch = bucket(n)
-    prompt_len = bucket(longest, MIN_PROMPT_BUCKET)
-    cache_len = bucket(prompt_len + max_new_tokens, MIN_CACHE_BUCKET)
+    prompt_len = length_bucket(longest, MIN_PROMPT_BUCKET)
+    cache_len = length_bucket(prompt_len + max_new_tokens, MIN_CACHE_BUCKET)
     pad_id = 0 if config.image_token_id != 0 else 1
     ids, valid = left_pad(prompts, batch, prompt_len, pad_id)
     if image_embeds is None:

@@ -135,3 +135,33 @@ def test_bad_images_and_placeholder_mismatch_give_clear_errors(model, tmp_path):
         model.generate("<image>\nWhat is this?", str(bad), max_new_tokens=2)
     with pytest.raises(ValueError, match="2 <image> placeholder"):
         model.generate("<image><image> two?", images(1), max_new_tokens=2)
+
+
+def test_length_buckets_pad_at_most_half():
+    from ghostvis_jax.generate.decoding import length_bucket
+
+    assert [length_bucket(n) for n in (1, 2, 3, 4, 5, 7, 12, 13, 192, 193, 320, 385)] == \
+        [1, 2, 3, 4, 6, 8, 12, 16, 192, 256, 384, 512]
+    assert length_bucket(5, 16) == 16
+    assert all(n <= length_bucket(n) <= 1.5 * n for n in range(2, 3000))
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_unrolled_loop_gives_the_same_tokens(model, unroll):
+    """Steps per loop iteration change only speed: same tokens, stops and lengths as the default loop."""
+    from flax import nnx
+
+    from ghostvis_jax.generate.decoding import Decoder, Sampling, decode
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    default = decoder_for(model)
+    free = decode(default, model.config, prompts, None, max_new_tokens=7, sampling=Sampling(), stop_ids=[])
+    other = Decoder(*nnx.split(model.model), unroll=unroll)
+    assert other.unroll == unroll != default.unroll
+    got = decode(other, model.config, prompts, None, max_new_tokens=7, sampling=Sampling(), stop_ids=[])
+    assert [d.tokens for d in got] == [d.tokens for d in free]
+    stop = free[0].tokens[2]
+    a = decode(default, model.config, prompts, None, max_new_tokens=7, sampling=Sampling(), stop_ids=[stop])
+    b = decode(other, model.config, prompts, None, max_new_tokens=7, sampling=Sampling(), stop_ids=[stop])
+    assert [(d.tokens, d.finish_reason) for d in a] == [(d.tokens, d.finish_reason) for d in b]
+    assert a[0].finish_reason == "stop"
