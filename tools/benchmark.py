@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
 
 import jax
@@ -35,7 +37,29 @@ def emit(**kw) -> None:
     print(json.dumps({"peer": "jax", **kw}), flush=True)
 
 
+def profiled(args, name: str, fn, steps: int) -> None:
+    """Run fn() (`steps` steps of work) under jax.profiler and print where the GPU time went."""
+    if not args.profile:
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trace_summary
+
+    folder = os.path.join(args.profile, name)
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        jax.block_until_ready(fn())
+    print(f"--- profile {name} ({steps} steps) ---", flush=True)
+    path = trace_summary.find_trace(folder)
+    import gzip
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    print(trace_summary.summarize(data["traceEvents"], args.profile_top, steps), flush=True)
+
+
 def model_config(args):
+    if args.tiny:
+        from ghostvis_jax.testing.tiny_training import tiny_model_config
+
+        return tiny_model_config(num_layers=args.unfreeze + 1)
     cfg = preset("qwen2.5-1.5b", VISION[args.vision])
     return dataclasses.replace(cfg, resampler=ResamplerConfig(num_latents=args.image_tokens),
                                image_token_id=cfg.llm.vocab_size - 1)
@@ -46,12 +70,15 @@ def bench_train(args, stage: str) -> None:
     c = base_config()
     c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, args.unfreeze
     c.remat, c.loss_chunk_size = args.remat, args.chunk
+    c.compute_dtype = args.compute_dtype
+    if args.compute_dtype == "float32":
+        c.frozen_param_dtype = "float32"
     c.mesh.data, c.mesh.fsdp = args.mesh_data, args.mesh_fsdp
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     t0 = time.perf_counter()
     setup = train_setup.build(mcfg, c, mesh, total_steps=1000)
     n_dev = jax.device_count()
-    B, T, N = args.batch * n_dev, args.seq, args.image_tokens
+    B, T, N = args.batch * n_dev, args.seq, mcfg.num_image_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(0, mcfg.llm.vocab_size - 1, size=(1, B, T)).astype(np.int32)
     mask = np.ones((1, B, T), np.float32)
@@ -65,26 +92,39 @@ def bench_train(args, stage: str) -> None:
         images = B
     batch = {k: jax.device_put(v, s) for (k, v), s in
              zip(batch.items(), setup.batch_shardings(batch, micro_axis=True).values())}
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
+    losses = []
     for i in range(args.steps + 3):
         if i == 3:
             jax.block_until_ready(setup.state)
             t1 = time.perf_counter()
         setup.state, metrics = compiled(setup.state, setup.frozen, batch)
+        if args.losses:
+            losses.append(float(metrics["loss"]))
     jax.block_until_ready(setup.state)
     dt = (time.perf_counter() - t1) / args.steps
+
+    def two_steps():
+        for _ in range(2):
+            setup.state, _ = compiled(setup.state, setup.frozen, batch)
+        return setup.state
+
+    profiled(args, f"train-{stage}", two_steps, 2)
     flops = train_step_flops(mcfg, stage=stage, batch=B, seq=T, num_images=images,
                              trainable_layers=args.unfreeze)
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.state["params"]))
     emit(bench=f"train-{stage}", batch=args.batch, seq=T, image_tokens=N if images else 0,
-         unfreeze=args.unfreeze if stage == "sft" else (28 if stage == "full" else 0), vision=args.vision,
+         unfreeze=args.unfreeze if stage == "sft" else (mcfg.llm.num_layers if stage == "full" else 0), vision=args.vision,
          devices=n_dev, mesh=dict(mesh.shape), remat=args.remat, step_ms=round(dt * 1e3, 2),
          tokens_per_s=round(B * T / dt), tokens_per_s_per_device=round(B * T / dt / n_dev),
          images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
          mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
-         compile_s=round(compile_s, 1), loss=float(metrics["loss"]), device=jax.devices()[0].device_kind)
+         init_s=round(init_s, 1), compile_s=round(compile_s, 1), loss=float(metrics["loss"]),
+         compute_dtype=args.compute_dtype, **({"losses": losses} if args.losses else {}), device=jax.devices()[0].device_kind)
 
 
 def bench_vision(args) -> None:
@@ -92,7 +132,7 @@ def bench_vision(args) -> None:
 
     from ghostvis_jax.model.siglip import SiglipVisionTower
 
-    vcfg = preset(vision=VISION[args.vision]).vision
+    vcfg = model_config(args).vision if args.tiny else preset(vision=VISION[args.vision]).vision
     tower = SiglipVisionTower(vcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     graphdef, state = nnx.split(tower)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
@@ -104,6 +144,7 @@ def bench_vision(args) -> None:
         out = forward(state, x)
     jax.block_until_ready(out)
     dt = (time.perf_counter() - t0) / args.steps
+    profiled(args, f"vision-{args.vision}", lambda: [forward(state, x) for _ in range(2)], 2)
     fl = vision_flops_per_image(vcfg) * args.batch / dt
     emit(bench="vision", vision=args.vision, batch=args.batch, step_ms=round(dt * 1e3, 2),
          images_per_s=round(args.batch / dt), tflops=round(fl / 1e12, 1), mfu=round(fl / PEAK_BF16_FLOPS, 4),
@@ -124,7 +165,7 @@ def bench_generate(args) -> None:
     model = GhostVisModel(mcfg, rngs=nnx.Rngs(params=jax.random.key(0, impl="rbg")), dtype=jnp.bfloat16,
                           param_dtype=jnp.bfloat16)
     graphdef, state = nnx.split(model)
-    decoder = Decoder(graphdef, state)
+    decoder = Decoder(graphdef, state, unroll=args.unroll)
     llm_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.llm, nnx.Param)))
     weight_bytes = 2 * llm_params
     rng = np.random.default_rng(0)
@@ -133,18 +174,23 @@ def bench_generate(args) -> None:
 
         def timed(new: int) -> float:
             decode(decoder, mcfg, prompts, None, max_new_tokens=new, sampling=Sampling(), stop_ids=[])
-            t0 = time.perf_counter()
-            decode(decoder, mcfg, prompts, None, max_new_tokens=new, sampling=Sampling(), stop_ids=[])
-            return time.perf_counter() - t0
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                decode(decoder, mcfg, prompts, None, max_new_tokens=new, sampling=Sampling(), stop_ids=[])
+                times.append(time.perf_counter() - t0)
+            return min(times)
 
         short, full = timed(8), timed(args.new_tokens)
+        profiled(args, f"generate-b{bs}", lambda: decode(decoder, mcfg, prompts, None, max_new_tokens=64,
+                                                          sampling=Sampling(), stop_ids=[]), 64)
         step = (full - short) / (args.new_tokens - 8)
         ctx = args.prompt + args.new_tokens / 2
         kv_bytes = 2 * mcfg.llm.num_layers * mcfg.llm.num_kv_heads * mcfg.llm.head_dim * 2 * ctx * bs
         emit(bench="generate", batch=bs, prompt=args.prompt, new_tokens=args.new_tokens,
              ms_per_step=round(step * 1e3, 3), tokens_per_s=round(bs / step),
              bytes_per_step_gb=round((weight_bytes + kv_bytes) / 1e9, 3),
-             achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), device=jax.devices()[0].device_kind)
+             achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), unroll=args.unroll, device=jax.devices()[0].device_kind)
 
 
 def main() -> None:
@@ -163,6 +209,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024, help="cross-entropy chunk (tokens per row)")
     ap.add_argument("--mesh-data", type=int, default=1)
     ap.add_argument("--mesh-fsdp", type=int, default=-1)
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
+    ap.add_argument("--unroll", type=int, default=4, help="decode steps per loop iteration")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
+    ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
+                                       "print the GPU time summary (tools/trace_summary.py)")
+    ap.add_argument("--profile-top", type=int, default=20)
     args = ap.parse_args()
     if args.bench in ("train-sft", "train-align"):
         args.batch = args.batch or 8

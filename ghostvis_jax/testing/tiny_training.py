@@ -54,6 +54,7 @@ def tiny_train_config(workdir: str, **overrides):
     c.compute_dtype = c.frozen_param_dtype = "float32"
     c.num_steps, c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 6, 2, 100, 2, 3
     c.progress_bar = False
+    c.compilation_cache_dir = ""
     c.optim.warmup_steps = 1
     c.optim.projector_lr = c.optim.resampler_lr = c.optim.llm_lr = 1e-3
     c.data.recipe, c.data.batch_size, c.data.max_length, c.data.num_threads = "synthetic_sft", 8, 64, 2

@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"
     c.frozen_param_dtype = "bfloat16"       # storage of frozen weights; trainable ones keep float32 masters
     c.remat = "none"                        # none | full | dots | dots_saveable
-    c.loss_chunk_size = 1024
+    c.loss_chunk_size = 2048                # tokens per row per cross-entropy chunk (saved logits: bf16, all chunks)
+    # Persistent XLA compilation cache: a rerun of the same step shape skips the compile ("" = off).
+    c.compilation_cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "ghostvis_jax", "xla")
 
     c.optim = ml_collections.ConfigDict({
         "projector_lr": 5e-5, "resampler_lr": 3e-5, "llm_lr": 1e-6, "weight_decay": 0.01, "b1": 0.9, "b2": 0.95,

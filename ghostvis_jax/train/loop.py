@@ -132,8 +132,15 @@ def evaluate(setup, cfg, tokenizer, model_config) -> float:
     return total / max(count, 1.0)
 
 
+def enable_compilation_cache(path: str) -> None:
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
 def run(cfg) -> dict[str, Any]:
     maybe_initialize_distributed()
+    enable_compilation_cache(cfg.compilation_cache_dir)
     validate(cfg, jax.device_count(), jax.process_count())
     from transformers import AutoTokenizer
 
