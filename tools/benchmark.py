@@ -34,7 +34,8 @@ VISION = {"large256": "siglip-large-patch16-256", "so400m384": "siglip-so400m-pa
 
 
 def emit(**kw) -> None:
-    print(json.dumps({"peer": "jax", **kw}), flush=True)
+    flags = os.environ.get("XLA_FLAGS", "")
+    print(json.dumps({"peer": "jax", **kw, **({"xla_flags": flags} if flags else {})}), flush=True)
 
 
 def profiled(args, name: str, fn, steps: int) -> None:
@@ -71,6 +72,9 @@ def bench_train(args, stage: str) -> None:
     c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, args.unfreeze
     c.remat, c.loss_chunk_size = args.remat, args.chunk
     c.compute_dtype = args.compute_dtype
+    if args.lr:
+        c.optim.projector_lr = c.optim.resampler_lr = c.optim.llm_lr = args.lr
+        c.optim.warmup_steps = 1
     if args.compute_dtype == "float32":
         c.frozen_param_dtype = "float32"
     c.mesh.data, c.mesh.fsdp = args.mesh_data, args.mesh_fsdp
@@ -124,7 +128,8 @@ def bench_train(args, stage: str) -> None:
          images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
          mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
          init_s=round(init_s, 1), compile_s=round(compile_s, 1), loss=float(metrics["loss"]),
-         compute_dtype=args.compute_dtype, **({"losses": losses} if args.losses else {}), device=jax.devices()[0].device_kind)
+         compute_dtype=args.compute_dtype, ablate=args.ablate, **({"losses": losses} if args.losses else {}),
+         device=jax.devices()[0].device_kind)
 
 
 def bench_vision(args) -> None:
@@ -210,13 +215,20 @@ def main() -> None:
     ap.add_argument("--mesh-data", type=int, default=1)
     ap.add_argument("--mesh-fsdp", type=int, default=-1)
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every group, no warmup")
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
-    ap.add_argument("--unroll", type=int, default=4, help="decode steps per loop iteration")
+    ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration")
+    ap.add_argument("--ablate", nargs="*", default=[], choices=["swiglu"],
+                    help="measure without an optimization: swiglu = autodiff of silu(gate) * up")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")
     ap.add_argument("--profile-top", type=int, default=20)
     args = ap.parse_args()
+    if "swiglu" in args.ablate:
+        from ghostvis_jax.model import qwen2
+
+        qwen2.swiglu = lambda gate, up: jax.nn.silu(gate) * up
     if args.bench in ("train-sft", "train-align"):
         args.batch = args.batch or 8
         bench_train(args, args.bench.split("-")[1])

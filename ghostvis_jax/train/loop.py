@@ -85,8 +85,10 @@ def _barrier(name: str) -> None:
 def _data_config(cfg) -> dict:
     data = cfg.data.to_dict()
     data["cache_dir"] = data.get("cache_dir") or None
-    data["datasets"] = {name: {k: v for k, v in spec.items() if v != ""}  # "" = not given on the command line
-                        for name, spec in (data.get("datasets") or {}).items()}
+    # "" = not given on the command line; a slot with nothing given does not add its dataset (so
+    # --config.data.recipe=synthetic_pretrain on a config with real-data slots trains on that recipe alone).
+    given = {name: {k: v for k, v in spec.items() if v != ""} for name, spec in (data.get("datasets") or {}).items()}
+    data["datasets"] = {name: spec for name, spec in given.items() if spec}
     return data
 
 

@@ -146,7 +146,7 @@ def test_length_buckets_pad_at_most_half():
     assert all(n <= length_bucket(n) <= 1.5 * n for n in range(2, 3000))
 
 
-@pytest.mark.parametrize("unroll", [1, 3])
+@pytest.mark.parametrize("unroll", [2, 3])
 def test_unrolled_loop_gives_the_same_tokens(model, unroll):
     """Steps per loop iteration change only speed: same tokens, stops and lengths as the default loop."""
     from flax import nnx

@@ -149,3 +149,20 @@ def test_non_finite_streak_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     monkeypatch.undo()  # clean data again: the resumed run continues from step 2
     resumed = run(tiny_train_config(workdir, num_steps=3, resume=True))
     assert resumed["step"] == 3 and resumed["skipped_updates"] == 0
+
+
+def test_empty_dataset_slots_do_not_add_datasets():
+    """The 1.5B configs carry one slot per real dataset; a recipe override with no slot filled trains on that
+    recipe alone (the GPU smoke run), while a filled slot still adds / overrides its dataset."""
+    from ghostvis_jax.data.pipeline import resolve_data_config
+    from ghostvis_jax.train.config import base_config, dataset_slots
+    from ghostvis_jax.train.loop import _data_config
+
+    c = base_config()
+    c.data.datasets = dataset_slots("vision_pretrain")
+    c.data.recipe = "synthetic_pretrain"
+    assert list(resolve_data_config(_data_config(c))["datasets"]) == ["synthetic_shapes_caption"]
+    c.data.datasets.coco_captions.path = "/data/coco"
+    resolved = resolve_data_config(_data_config(c))["datasets"]
+    assert sorted(resolved) == ["coco_captions", "synthetic_shapes_caption"]
+    assert resolved["coco_captions"]["path"] == "/data/coco"

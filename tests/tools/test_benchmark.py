@@ -1,0 +1,44 @@
+"""tools/benchmark.py at tiny shapes on the CPU (the tool runs end to end and emits the peer's fields), and the
+ratio table of tools/bench_compare.py from recorded JSON lines."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def bench(*args):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), *args, "--tiny"],
+                          capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+
+
+def test_train_bench_emits_the_peer_fields_and_losses_fall_with_a_learning_rate():
+    (row,) = bench("train-sft", "--batch", "2", "--seq", "32", "--steps", "5", "--losses", "--lr", "3e-3",
+                   "--compute-dtype", "float32")
+    for field in ("bench", "batch", "seq", "step_ms", "tokens_per_s", "mfu", "peak_gib", "compile_s"):
+        assert field in row
+    assert row["bench"] == "train-sft" and row["tokens_per_s"] > 0 and len(row["losses"]) == 8
+    assert row["losses"][-1] < row["losses"][0]  # the same batch every step: it is being learned
+
+
+def test_generate_bench_reports_each_batch():
+    rows = bench("generate", "--gen-batches", "1", "2", "--prompt", "12", "--new-tokens", "16")
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["bench"] == "generate" and "ms_per_step" in r for r in rows)
+
+
+def test_compare_tabulates_ratios(tmp_path):
+    rows = [{"peer": "torch", "bench": "train-sft", "batch": 8, "vision": "large256", "tokens_per_s": 40000},
+            {"peer": "jax", "bench": "train-sft", "batch": 8, "vision": "large256", "tokens_per_s": 70000},
+            {"peer": "torch", "bench": "generate", "batch": 1, "ms_per_step": 80.0},
+            {"peer": "jax", "bench": "generate", "batch": 1, "ms_per_step": 2.0}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_compare.py"), "--tabulate", str(path)],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "1.75x" in out and "40.00x" in out
