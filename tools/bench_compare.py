@@ -109,8 +109,6 @@ def print_table(results: list[dict]) -> None:
         name = f"{r['bench']} {r.get('vision') or ''} b{r.get('batch')}".replace("  ", " ")
         if r.get("devices", 1) > 1:
             name += f" x{r['devices']}gpu"
-        if r.get("ablate"):
-            name += " without " + ",".join(r["ablate"])
         if r.get("xla_flags"):
             name += " " + r["xla_flags"].replace("--xla_gpu_", "")
         if r["bench"] == "generate":

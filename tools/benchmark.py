@@ -128,7 +128,7 @@ def bench_train(args, stage: str) -> None:
          images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
          mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
          init_s=round(init_s, 1), compile_s=round(compile_s, 1), loss=float(metrics["loss"]),
-         compute_dtype=args.compute_dtype, ablate=args.ablate, **({"losses": losses} if args.losses else {}),
+         compute_dtype=args.compute_dtype, **({"losses": losses} if args.losses else {}),
          device=jax.devices()[0].device_kind)
 
 
@@ -218,17 +218,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every group, no warmup")
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration")
-    ap.add_argument("--ablate", nargs="*", default=[], choices=["swiglu"],
-                    help="measure without an optimization: swiglu = autodiff of silu(gate) * up")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")
     ap.add_argument("--profile-top", type=int, default=20)
     args = ap.parse_args()
-    if "swiglu" in args.ablate:
-        from ghostvis_jax.model import qwen2
-
-        qwen2.swiglu = lambda gate, up: jax.nn.silu(gate) * up
     if args.bench in ("train-sft", "train-align"):
         args.batch = args.batch or 8
         bench_train(args, args.bench.split("-")[1])
