@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ghostvis_jax.sharding import gather_for_compute
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config / CLI names of the dtypes we run in
+
+
+def use(param: nnx.Param, dtype=None) -> jax.Array:
+    """A parameter's value where it is computed with: all-gathered over `fsdp` under a mesh (FSDP), cast."""
+    x = gather_for_compute(param[...], getattr(param, "logical_axes", None))
+    return x if dtype is None else x.astype(dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -28,9 +36,9 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), use(self.kernel, self.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + use(self.bias, self.dtype)
         return y
 
 
@@ -44,10 +52,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(use(self.embedding), ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        return jnp.dot(x.astype(self.dtype), use(self.embedding, self.dtype).T)
 
 
 class RMSNorm(nnx.Module):
@@ -61,7 +69,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+        return use(self.scale, self.dtype) * x32.astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -78,4 +86,4 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        return (y * use(self.scale, jnp.float32) + use(self.bias, jnp.float32)).astype(self.dtype)

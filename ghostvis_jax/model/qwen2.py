@@ -13,7 +13,8 @@ from flax import nnx
 
 from ghostvis_jax.config import QwenConfig
 from ghostvis_jax.model.attention import attention
-from ghostvis_jax.model.layers import Dense, Embed, RMSNorm
+from ghostvis_jax.model.layers import Dense, Embed, RMSNorm, use
+from ghostvis_jax.sharding import constrain_batch
 
 KVCache = list[dict[str, jax.Array]]
 
@@ -118,6 +119,7 @@ class Qwen2Decoder(nnx.Module):
                 x, _ = nnx.remat(lambda lyr, y, c, s: lyr(y, c, s, mask), policy=self.remat_policy)(layer, x, cos, sin)
             else:
                 x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
+            x = constrain_batch(x)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
@@ -125,8 +127,8 @@ class Qwen2Decoder(nnx.Module):
     def head_weight(self) -> jax.Array:
         """The LM head as [vocab, hidden]: the embedding table when tied (the training loss multiplies by it)."""
         if self.lm_head is None:
-            return self.embed_tokens.embedding[...]
-        return self.lm_head.kernel[...].T
+            return use(self.embed_tokens.embedding)
+        return use(self.lm_head.kernel).T
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:

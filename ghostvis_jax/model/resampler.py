@@ -16,7 +16,7 @@ from flax import nnx
 
 from ghostvis_jax.config import ResamplerConfig
 from ghostvis_jax.model.attention import attention
-from ghostvis_jax.model.layers import Dense, LayerNorm, _normal
+from ghostvis_jax.model.layers import Dense, LayerNorm, _normal, use
 
 
 class CrossAttention(nnx.Module):
@@ -67,7 +67,7 @@ class PerceiverResampler(nnx.Module):
 
     def __call__(self, ctx: jax.Array) -> jax.Array:
         ctx = ctx.astype(self.dtype)
-        q = jnp.broadcast_to(self.latents[...].astype(self.dtype), (ctx.shape[0],) + self.latents.shape)
+        q = jnp.broadcast_to(use(self.latents, self.dtype), (ctx.shape[0],) + self.latents.shape)
         for block in self.blocks:
             q = block(q, ctx)
         return q

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ghostvis_jax.config import SiglipConfig
 from ghostvis_jax.model.attention import attention
-from ghostvis_jax.model.layers import Dense, LayerNorm, _normal
+from ghostvis_jax.model.layers import Dense, LayerNorm, _normal, use
 
 
 class SiglipAttention(nnx.Module):
@@ -85,9 +85,9 @@ class SiglipVisionTower(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         patches = self.patchify(pixel_values).astype(self.dtype)
-        kernel = self.patch_kernel[...].reshape(-1, self.config.hidden_size).astype(self.dtype)
-        x = jnp.dot(patches, kernel) + self.patch_bias[...].astype(self.dtype)
-        x = x + self.position_embedding[...].astype(self.dtype)
+        kernel = use(self.patch_kernel).reshape(-1, self.config.hidden_size).astype(self.dtype)
+        x = jnp.dot(patches, kernel) + use(self.patch_bias, self.dtype)
+        x = x + use(self.position_embedding, self.dtype)
         for layer in self.layers:
             x = layer(x)
         return self.post_layernorm(x)
