@@ -22,6 +22,7 @@ import sys
 import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HBM_GBPS = 2970  # H100 80GB HBM3 copy bandwidth measured on the device machine (shared/JAX_STACK_NOTES.md)
 HIGHER_IS_BETTER = {"train-sft": "tokens_per_s", "train-align": "tokens_per_s", "train-full": "tokens_per_s",
                     "vision": "images_per_s"}
 
@@ -40,7 +41,8 @@ def run(cmd: list[str], timeout: float, gpu: str | None = None) -> list[dict]:
 
 
 def key(r: dict) -> tuple:
-    return (r["bench"], r.get("vision"), r.get("batch"))
+    vision = r.get("vision") if r["bench"] in ("vision", "train-sft", "train-align") else None
+    return (r["bench"], vision, r.get("batch"), r.get("devices", 1))
 
 
 def main() -> int:
@@ -106,7 +108,7 @@ def print_table(results: list[dict]) -> None:
         if r["peer"] != "jax":
             continue
         p = peer.get(key(r))
-        name = f"{r['bench']} {r.get('vision') or ''} b{r.get('batch')}".replace("  ", " ")
+        name = f"{r['bench']} {key(r)[1] or ''} b{r.get('batch')}".replace("  ", " ")
         if r.get("devices", 1) > 1:
             name += f" x{r['devices']}gpu"
         if r.get("xla_flags"):
@@ -118,8 +120,15 @@ def print_table(results: list[dict]) -> None:
             metric = HIGHER_IS_BETTER[r["bench"]]
             pv, jv = p and p[metric], r[metric]
             ratio = jv / pv if p else None
+        if r["bench"] == "generate" and "achieved_gbps" in r:
+            note = (f"jax {r['achieved_gbps']} GB/s = {100 * r['achieved_gbps'] / HBM_GBPS:.0f}% of "
+                    f"{HBM_GBPS / 1000:.2f} TB/s")
+        elif "peak_gib" in r:
+            note = f"peak GiB: jax {r['peak_gib']} vs torch {p.get('peak_gib', '-') if p else '-'}"
+        else:
+            note = ""
         print(f"{name:<44}{pv if pv is not None else '-':>14}{jv:>14}{(f'{ratio:.2f}x' if ratio else '-'):>8}   "
-              f"{metric} (jax peak {r.get('peak_gib', '-')} GiB vs {p.get('peak_gib', '-') if p else '-'})")
+              f"{metric}  {note}")
 
 
 if __name__ == "__main__":
