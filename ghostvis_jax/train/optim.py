@@ -75,7 +75,7 @@ def group_learning_rates(optim_cfg: Any) -> dict[str, float]:
 def make_optimizer(optim_cfg: Any, labels: dict, *, total_steps: int) -> optax.GradientTransformation:
     """optim_cfg: projector_lr, resampler_lr, llm_lr, weight_decay, b1, b2, eps, warmup_steps, min_lr_ratio,
     clip_norm. `labels`: the label tree of the trainable parameters."""
-    present = set(jax.tree_util.tree_leaves(labels))
+    present = sorted(set(jax.tree_util.tree_leaves(labels)))  # sorted: the same traced program in every process
     if FROZEN in present:
         raise ValueError("the optimizer is built over trainable parameters only; a frozen leaf was passed")
 

@@ -166,3 +166,25 @@ def test_empty_dataset_slots_do_not_add_datasets():
     resolved = resolve_data_config(_data_config(c))["datasets"]
     assert sorted(resolved) == ["coco_captions", "synthetic_shapes_caption"]
     assert resolved["coco_captions"]["path"] == "/data/coco"
+
+
+def test_rerun_loads_the_train_step_from_the_compilation_cache(tmp_path):
+    """Two runs of the same config (separate processes): the first writes the compiled train step to
+    config.compilation_cache_dir, the second finds it there and adds no new train-step entry."""
+    cache = tmp_path / "xla_cache"
+    script = ("import sys; from ghostvis_jax.testing.tiny_training import tiny_train_config; "
+              "from ghostvis_jax.train.loop import run; "
+              "run(tiny_train_config(sys.argv[1], num_steps=1, compilation_cache_dir=sys.argv[2]))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def entries():
+        return sorted(p.name for p in cache.iterdir() if p.name.startswith("jit_train_step"))
+
+    for i in range(2):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"w{i}"), str(cache)],
+                              capture_output=True, text=True, cwd=REPO, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if i == 0:
+            first = entries()
+            assert len(first) == 1, first
+    assert entries() == first
