@@ -47,3 +47,24 @@ def test_bf16_logits_are_those_autodiff_would_see():
     logits = jnp.einsum("btd,vd->btv", h, w).astype(jnp.float32)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(chunked_cross_entropy(w, h, targets, mask, 4)[0], nll.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_weight_gives_the_models_logits(tied):
+    """The loss multiplies by `head_weight()` ([V, D]); tied or not, that is what `logits()` computes."""
+    import dataclasses
+
+    from flax import nnx
+
+    from ghostvis_jax.model.qwen2 import Qwen2Decoder
+    from ghostvis_jax.testing.tiny_training import tiny_model_config
+
+    cfg = dataclasses.replace(tiny_model_config().llm, tie_word_embeddings=tied)
+    llm = Qwen2Decoder(cfg, rngs=nnx.Rngs(0))
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 6)), jnp.int32)
+    mask = jnp.ones((2, 6), jnp.float32)
+    logits = llm.logits(h)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    got, _ = chunked_cross_entropy(llm.head_weight(), h, targets, mask, 4)
+    np.testing.assert_allclose(got, nll.sum(), rtol=1e-5)
