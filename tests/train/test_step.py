@@ -42,11 +42,13 @@ def _flat(tree):
     return {k: np.asarray(jax.device_get(v)) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("data,tensor", [(1, 1), (2, 2)])  # (8,) fsdp; (2, 2, 2) data x fsdp x tensor
+def test_sharded_step_equals_single_device(data, tensor):
     batches = [[random_batch(0)]] * 3  # the same batch: the loss must fall
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = sharding.make_mesh(fsdp=-1, devices=devices)
+        mesh = sharding.make_mesh(data=data if len(devices) > 1 else 1, fsdp=-1,
+                                  tensor=tensor if len(devices) > 1 else 1, devices=devices)
         setup = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
         losses = _run(setup, batches)
         results.append((losses, _flat(setup.state["params"])))
