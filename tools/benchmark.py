@@ -6,7 +6,9 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
 
   python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
-Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --attention.
+Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --unroll (decode steps
+per loop iteration), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where
+the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
 """
 
 from __future__ import annotations
@@ -49,11 +51,8 @@ def profiled(args, name: str, fn, steps: int) -> None:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         jax.block_until_ready(fn())
     print(f"--- profile {name} ({steps} steps) ---", flush=True)
-    path = trace_summary.find_trace(folder)
-    import gzip
-    with gzip.open(path, "rt") as f:
-        data = json.load(f)
-    print(trace_summary.summarize(data["traceEvents"], args.profile_top, steps), flush=True)
+    events = trace_summary.load_events(trace_summary.find_trace(folder))
+    print(trace_summary.summarize(events, args.profile_top, steps), flush=True)
 
 
 def model_config(args):

@@ -42,6 +42,12 @@ def find_trace(path: str) -> str:
     return found[-1]
 
 
+def load_events(path: str) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
 def union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for s, e in sorted(intervals):
@@ -104,11 +110,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1, help="steps inside the trace (per-step figures)")
     args = ap.parse_args()
     path = find_trace(args.trace)
-    with gzip.open(path, "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
     print(f"trace: {path}")
-    print(summarize(events, args.top, args.steps))
+    print(summarize(load_events(path), args.top, args.steps))
     return 0
 
 

@@ -45,3 +45,22 @@ def test_compare_tabulates_ratios(tmp_path):
                          capture_output=True, text=True, timeout=60).stdout
     assert "1.75x" in out and "40.00x" in out and "50% of 2.97 TB/s" in out
     assert "1.50x" in out  # train-full has no vision tower: the peer's row matches whatever ours names
+
+
+def test_trace_summary_counts_busy_time_and_kernel_classes():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import trace_summary
+
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    kernels = [("nvjet_sm90_tst_256x128_gemm", 0, 60), ("cudnn_generated_sdpa_fprop", 50, 30),  # overlap 10
+               ("loop_multiply_fusion", 100, 20), ("ncclDevKernel_AllGather", 140, 10)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
+    events.append({"ph": "X", "pid": 2, "tid": 1, "name": "host work", "ts": 0, "dur": 500})
+    out = trace_summary.summarize(events, top=10, steps=2)
+    assert "span 0.07 ms/step" in out            # 0 → 150 us, over 2 steps
+    assert "GPU busy 0.06 ms/step (73.3%)" in out  # 80 + 20 + 10 us busy of 150
+    for cls, ms in (("gemm", "0.03"), ("attention", "0.01"), ("other", "0.01"), ("collective", "0.01")):
+        assert any(line.split()[:2] == [cls, ms] for line in out.splitlines()), (cls, out)
+    assert "host work" not in out
