@@ -43,7 +43,7 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [vocab, dim]; `attend` gives tied LM-head logits."""
+    """Token embedding table [vocab, dim] (also the LM head when tied: `Qwen2Decoder.head_weight`)."""
 
     def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -53,9 +53,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(use(self.embedding), ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), use(self.embedding, self.dtype).T)
 
 
 class RMSNorm(nnx.Module):

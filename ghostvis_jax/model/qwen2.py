@@ -131,9 +131,8 @@ class Qwen2Decoder(nnx.Module):
         return use(self.lm_head.kernel).T
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return self.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+        dtype = self.embed_tokens.dtype
+        return jnp.dot(hidden.astype(dtype), self.head_weight().astype(dtype).T)
 
 
 def init_kv_cache(cfg: QwenConfig, batch: int, length: int, dtype=jnp.bfloat16) -> KVCache:

@@ -21,12 +21,8 @@ def _chunk_nll(h, w, targets, mask):
     return _chunk_fwd(h, w, targets, mask)[0]
 
 
-def _logits(h, w):
-    return jnp.einsum("bcd,vd->bcv", h, w.astype(h.dtype))
-
-
 def _chunk_fwd(h, w, targets, mask):
-    logits = _logits(h, w)
+    logits = jnp.einsum("bcd,vd->bcv", h, w.astype(h.dtype))
     logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
     return jnp.sum((logz - picked) * mask), (h, w, targets, mask, logits, logz)
@@ -61,12 +57,12 @@ def chunked_cross_entropy(head_weight: jax.Array, hidden: jax.Array, targets: ja
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
     n = (t + pad) // chunk
-    masks = loss_mask.astype(jnp.float32)
+    masks, targets = loss_mask.astype(jnp.float32), targets.astype(jnp.int32)
     if n == 1:
-        total = _chunk_nll(hidden, head_weight, targets.astype(jnp.int32), masks)
+        total = _chunk_nll(hidden, head_weight, targets, masks)
     else:
         hs = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
-        ts = targets.astype(jnp.int32).reshape(b, n, chunk).swapaxes(0, 1)
+        ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
         ms = masks.reshape(b, n, chunk).swapaxes(0, 1)
 
         def body(acc, xs):
