@@ -31,30 +31,35 @@ def _loss_sum(graphdef, params, frozen, batch, rng, *, chunk_size: int, dropout:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: int = 2048,
                     dropout: bool = False) -> Callable:
-    def grad_of_micro(params, frozen, micro, rng):
+    def grad_of_micro(params, frozen, micro, rng, denom):
+        # Dividing the loss (not the gradient) by the batch's loss-token count: the gradient comes out of the
+        # backward pass already normalized, with no extra pass over a parameter-sized tree.
         def f(p):
-            return _loss_sum(graphdef, p, frozen, micro, rng, chunk_size=chunk_size, dropout=dropout)
-        (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss_sum, count, grads
+            loss_sum, count = _loss_sum(graphdef, p, frozen, micro, rng, chunk_size=chunk_size, dropout=dropout)
+            return loss_sum / denom, count
+        (loss, count), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, count, grads
 
     def train_step(state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
         params = state["params"]
         step_rng = jax.random.fold_in(state["rng"], state["step"])
         num_micro = batch["input_ids"].shape[0]
+        denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
-        def body(carry, xs):
-            g_acc, loss_acc, count_acc = carry
-            micro, i = xs
-            loss_sum, count, grads = grad_of_micro(params, frozen, micro, jax.random.fold_in(step_rng, i))
-            g_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
-            return (g_acc, loss_acc + loss_sum, count_acc + count), None
+        if num_micro == 1:  # no accumulator: a zero tree and an add per leaf cost two passes over the gradient
+            micro = jax.tree_util.tree_map(lambda x: x[0], batch)
+            loss, count, grads = grad_of_micro(params, frozen, micro, jax.random.fold_in(step_rng, 0), denom)
+        else:
+            def body(carry, xs):
+                g_acc, loss_acc, count_acc = carry
+                micro, i = xs
+                loss, count, grads = grad_of_micro(params, frozen, micro, jax.random.fold_in(step_rng, i), denom)
+                g_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+                return (g_acc, loss_acc + loss, count_acc + count), None
 
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, count), _ = jax.lax.scan(body, init, (batch, jnp.arange(num_micro)))
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        loss = loss_sum / denom
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss, count), _ = jax.lax.scan(body, init, (batch, jnp.arange(num_micro)))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
