@@ -8,7 +8,7 @@ one host round-trip per token.
 Shapes are bucketed (batch and image count → powers of two; prompt and cache length → half-octave steps
 2^k or 3·2^(k-1), so a 192-token prompt is not padded to 256: the decode step reads the whole cache), and
 max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated calls reuse the compiled
-functions.
+functions (greedy and sampling decoding are two programs).
 
 The loop body runs `unroll` decode steps per iteration: a GPU `while` pays a device→host copy of its predicate
 and a fresh launch of the body per iteration, which at batch 1 costs as much as the step's own kernels.
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ghostvis_jax.generate.sampling import next_tokens
+from ghostvis_jax.generate.sampling import greedy_tokens, sampled_tokens
 from ghostvis_jax.model.qwen2 import init_kv_cache
 
 MIN_PROMPT_BUCKET = 16
@@ -91,11 +91,16 @@ def _prefill(model, ids, valid, image_embeds, cache_len: int):
     return cache, logits, key_valid
 
 
-def _step(model, carry, sampling, stop_ids, prompt_len):
-    """Sample one token per row from `logits`, record it, and run it through the decoder."""
+def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
+    """Pick one token per row from `logits` (argmax, or a draw when not `greedy`), record it, and run it through
+    the decoder. Greedy is static: a traced choice would be a `lax.cond`, whose predicate the GPU reads back to
+    the host every step."""
     cache, logits, out, done, step, key_valid, num_valid, row_keys = carry
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-    token = next_tokens(logits, keys, *sampling)
+    if greedy:
+        token = greedy_tokens(logits)
+    else:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        token = sampled_tokens(logits, keys, *sampling)
     token = jnp.where(done, -1, token)
     out = out.at[:, step].set(token)
     done = done | jnp.isin(token, stop_ids)
@@ -119,21 +124,22 @@ class _Jitted:
             model(leaves), ids, valid, images, cache_len), static_argnames=("cache_len",))
 
         # prompt_len and max_new_tokens are traced: the loop compiles once per (batch, cache length).
-        def loop(leaves, carry, max_new_tokens, sampling, stop_ids, prompt_len):
+        def loop(leaves, carry, max_new_tokens, sampling, stop_ids, prompt_len, greedy):
             def cond(c):
                 return (c[4] < max_new_tokens) & ~jnp.all(c[3])
 
             def body(c):
                 m = model(leaves)
                 for _ in range(unroll):
-                    c = _step(m, c, sampling, stop_ids, prompt_len)[0]
+                    c = _step(m, c, sampling, stop_ids, prompt_len, greedy)[0]
                 return c
 
             return jax.lax.while_loop(cond, body, carry)
 
-        self.loop = jax.jit(loop, donate_argnames=("carry",))
-        self.step = jax.jit(lambda leaves, carry, sampling, stop_ids, prompt_len: _step(
-            model(leaves), carry, sampling, stop_ids, prompt_len), donate_argnames=("carry",))
+        self.loop = jax.jit(loop, donate_argnames=("carry",), static_argnames=("greedy",))
+        self.step = jax.jit(lambda leaves, carry, sampling, stop_ids, prompt_len, greedy: _step(
+            model(leaves), carry, sampling, stop_ids, prompt_len, greedy), donate_argnames=("carry",),
+            static_argnames=("greedy",))
 
 
 @functools.lru_cache(maxsize=8)
@@ -215,11 +221,12 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
     stops[: len(stop_list)] = stop_list
     stops = jnp.asarray(stops)
     knobs, prompt_len_arr = sampling.arrays(), jnp.int32(prompt_len)
+    greedy = sampling.temperature <= 0
     if on_step is None:
-        carry = fns.loop(leaves, carry, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr)
+        carry = fns.loop(leaves, carry, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr, greedy=greedy)
     else:
         for _ in range(max_new_tokens):
-            carry, token = fns.step(leaves, carry, knobs, stops, prompt_len_arr)
+            carry, token = fns.step(leaves, carry, knobs, stops, prompt_len_arr, greedy=greedy)
             tokens, done_now = jax.device_get((token, carry[3]))
             on_step(tokens[:n], done_now[:n])
             if done_now[:n].all():

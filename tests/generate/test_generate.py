@@ -78,10 +78,13 @@ def test_stop_tokens_end_rows_independently_and_max_new_tokens_holds(model):
 
 
 def test_repeated_calls_reuse_compiled_functions(model):
+    """Greedy and sampled decoding are one program each; new lengths, knobs and seeds compile nothing."""
     jitted = decoder_for(model).jitted
     model.generate(["hi", "What is in the picture?"], max_new_tokens=5)
+    model.generate(["hi", "What is in the picture?"], max_new_tokens=5, temperature=0.5)
     sizes = jitted.loop._cache_size(), jitted.prefill._cache_size()
     model.generate(["Describe the image.", "a b c"], max_new_tokens=7, temperature=0.7, top_k=3, seed=2)
+    model.generate(["Describe the image.", "a b c"], max_new_tokens=6)
     assert (jitted.loop._cache_size(), jitted.prefill._cache_size()) == sizes
 
 
