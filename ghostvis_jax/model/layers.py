@@ -26,17 +26,24 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel is [in, out] (the transpose of torch's Linear.weight)."""
+    """y = x @ kernel (+ bias). kernel is [in, *out] (for one output dim: the transpose of torch's Linear.weight).
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32, std: float | None = None):
+    Several output dims hold fused projections (q|k|v, gate|up) that one GEMM computes: the extra dims keep
+    each part's own axis (and logical name), so sharding never splits across the parts."""
+
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], *, use_bias: bool, axes: tuple,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, std: float | None = None):
+        out = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        if len(axes) != 1 + len(out):
+            raise ValueError(f"Dense: {len(axes)} axis names for a kernel of shape {(in_features, *out)}")
         std = in_features ** -0.5 if std is None else std
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype), logical_axes=axes)
-        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.kernel = nnx.Param(_normal(rngs, (in_features, *out), std, param_dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros(out, param_dtype), logical_axes=tuple(axes[1:])) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), use(self.kernel, self.dtype))
+        kernel = use(self.kernel, self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:
             y = y + use(self.bias, self.dtype)
         return y

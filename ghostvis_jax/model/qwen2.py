@@ -28,30 +28,35 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, N, H]; HF `rotate_half`: (x1, x2) -> (-x2, x1)."""
+    """x [B, T, ..., H], cos/sin [B, T, H]; HF `rotate_half`: (x1, x2) -> (-x2, x1)."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos = cos.reshape(cos.shape[:2] + (1,) * (x.ndim - cos.ndim) + cos.shape[2:])
+    sin = sin.reshape(cos.shape)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
 class Qwen2Attention(nnx.Module):
+    """q, k and v come from one fused projection laid out per kv head: kernel [D, K, G + 2, H] holds, for kv
+    head j, its G = N / K query heads (HF's q heads j·G … j·G + G − 1), then k_j, then v_j. One GEMM instead of
+    three, RoPE in one pass over [q|k], and sharding over kv heads keeps each group on one device."""
+
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        d, h = cfg.hidden_size, cfg.head_dim
+        d, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_kv_heads
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q_proj = Dense(d, cfg.num_heads * h, use_bias=True, axes=("embed", "heads"), **kw)
-        self.k_proj = Dense(d, cfg.num_kv_heads * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
-        self.v_proj = Dense(d, cfg.num_kv_heads * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.group = cfg.num_heads // kv
+        self.qkv_proj = Dense(d, (kv, self.group + 2, h), use_bias=True, axes=("embed", "kv_heads", None, None),
+                              **kw)
         self.o_proj = Dense(cfg.num_heads * h, d, use_bias=False, axes=("heads", "embed"), **kw)
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, kv, h
         self.attn_impl: str | None = None
 
     def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)                                         # [B, T, K, G + 2, H]
+        qk = apply_rope(qkv[..., :self.group + 1, :], cos, sin)
+        q = qk[..., :self.group, :].reshape(b, t, self.num_heads, self.head_dim)
+        k, v = qk[..., self.group, :], qkv[..., self.group + 1, :]     # [B, T, K, H]
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
@@ -64,15 +69,17 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2MLP(nnx.Module):
+    """SwiGLU with gate and up fused into one [D, 2, I] projection (one GEMM forward, one for the input gradient)."""
+
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, i = cfg.hidden_size, cfg.intermediate_size
         kw = dict(use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = Dense(d, i, axes=("embed", "mlp"), **kw)
-        self.up_proj = Dense(d, i, axes=("embed", "mlp"), **kw)
+        self.gate_up_proj = Dense(d, (2, i), axes=("embed", None, "mlp"), **kw)
         self.down_proj = Dense(i, d, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
 
 
 class Qwen2Layer(nnx.Module):

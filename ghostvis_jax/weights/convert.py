@@ -74,20 +74,31 @@ def image_token_id_from_folder(folder: str) -> int | None:
 def _apply_entries(entries, state, source, ignored, expected, out, problems, ignored_found):
     used = set()
     for e in entries:
-        if e.torch_key not in state:
+        missing = [k for k in e.torch_keys if k not in state]
+        for k in missing:
             shapes = [expected.get(p) for p in e.paths]
-            problems.append(f"{source}: missing key {e.torch_key!r} (model parameter shape {shapes[0]})")
+            problems.append(f"{source}: missing key {k!r} (model parameter shape {shapes[0]})")
+        if missing:
             continue
-        used.add(e.torch_key)
-        dtype = np.asarray(state[e.torch_key]).dtype
-        if dtype not in FLOAT_DTYPES:
-            problems.append(f"{source}: key {e.torch_key!r} has dtype {dtype}, not a floating-point weight")
+        used.update(e.torch_keys)
+        tensors = tuple(np.asarray(state[k]) for k in e.torch_keys)
+        bad = [(k, t.dtype) for k, t in zip(e.torch_keys, tensors) if t.dtype not in FLOAT_DTYPES]
+        for k, dtype in bad:
+            problems.append(f"{source}: key {k!r} has dtype {dtype}, not a floating-point weight")
+        if bad:
             continue
-        for path, arr in zip(e.paths, e.to_jax(np.asarray(state[e.torch_key]))):
+        have = ", ".join(f"key {k!r} has shape {tuple(t.shape)}" for k, t in zip(e.torch_keys, tensors))
+        try:
+            arrays = e.to_jax(tensors)
+        except ValueError as err:  # parts that do not reshape / stack into the fused parameter
+            problems.append(f"{source}: {have}, which do not form {'/'.join(map(str, e.paths[0]))} "
+                            f"(expects {expected.get(e.paths[0])}): {err}")
+            continue
+        for path, arr in zip(e.paths, arrays):
             want = expected.get(path)
             if want != tuple(arr.shape):
-                problems.append(f"{source}: key {e.torch_key!r} has shape {tuple(state[e.torch_key].shape)}, "
-                                f"giving {tuple(arr.shape)} for {'/'.join(map(str, path))}, which expects {want}")
+                problems.append(f"{source}: {have}, giving {tuple(arr.shape)} for {'/'.join(map(str, path))}, "
+                                f"which expects {want}")
             out[path] = arr
     for k in sorted(set(state) - used):
         if ignored(k):

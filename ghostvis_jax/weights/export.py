@@ -74,8 +74,11 @@ def to_torch_tensor(array, dtype: str):
 def torch_state_dict(entries: list[mapping.Entry], flat_params: dict[tuple, np.ndarray], dtype: str,
                      key_prefix: str = "") -> dict:
     """{torch key: tensor} for `entries`, each built by `Entry.to_torch` from the JAX parameters it covers."""
-    return {key_prefix + e.torch_key: to_torch_tensor(e.to_torch(tuple(flat_params[p] for p in e.paths)), dtype)
-            for e in entries}
+    out = {}
+    for e in entries:
+        tensors = e.to_torch(tuple(np.asarray(flat_params[p]) for p in e.paths))
+        out.update({key_prefix + k: to_torch_tensor(t, dtype) for k, t in zip(e.torch_keys, tensors)})
+    return out
 
 
 def qwen_hf_config(config: GhostVisConfig, dtype: str) -> dict:

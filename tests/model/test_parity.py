@@ -105,10 +105,12 @@ def test_parity_check_catches_a_corrupted_weight(tiny, tmp_path, corruption):
     """The same comparison fails when a weight is transposed or a bias dropped: the tests can fail."""
     model = gv.load(tiny["ckpt"])
     attn = model.model.llm.layers[0].self_attn
-    if corruption == "transpose_q_proj":
-        attn.q_proj.kernel[...] = attn.q_proj.kernel[...].T  # square (64x64): shape-preserving corruption
+    w, g = attn.qkv_proj.kernel[...], attn.group
+    if corruption == "transpose_q_proj":  # q as [D, N*H] is square (64x64): a shape-preserving corruption
+        q = w[:, :, :g].reshape(w.shape[0], -1)
+        attn.qkv_proj.kernel[...] = w.at[:, :, :g].set(q.T.reshape(w[:, :, :g].shape))
     else:
-        attn.k_proj.bias[...] = jnp.zeros_like(attn.k_proj.bias[...])
+        attn.qkv_proj.bias[...] = attn.qkv_proj.bias[...].at[:, g].set(0.0)
     corrupted = gv.GhostVis(model.model, model.config)
     ids = np.random.default_rng(1).integers(0, model.config.llm.vocab_size, size=(2, 16))
     want = tiny["qwen"](torch.as_tensor(ids)).logits.detach().numpy()

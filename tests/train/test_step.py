@@ -62,9 +62,9 @@ def test_sharded_step_equals_single_device(data, tensor):
 def test_parameters_are_really_sharded_over_fsdp():
     mesh = sharding.make_mesh(fsdp=-1)
     setup = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
-    kernel = setup.frozen["llm"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    kernel = setup.frozen["llm"]["layers"][0]["mlp"]["gate_up_proj"]["kernel"]
     assert kernel.sharding.spec[0] == "fsdp"
-    assert kernel.addressable_shards[0].data.shape == (64 // 8, 128)
+    assert kernel.addressable_shards[0].data.shape == (64 // 8, 2, 128)
     mu = setup.state["opt_state"][1].inner_states["projector"].inner_state[0].mu["projector"]["fc1"]["kernel"]
     assert mu.addressable_shards[0].data.shape[0] == 64 // 8
 
