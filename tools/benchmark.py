@@ -7,8 +7,8 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
   python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --unroll (decode steps
-per loop iteration), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where
-the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
+per loop iteration), --decode-attn (Pallas decode kernel or XLA), --compute-dtype and --losses --lr (the bf16 vs
+float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
 """
 
 from __future__ import annotations
@@ -168,6 +168,9 @@ def bench_generate(args) -> None:
     mcfg = model_config(args)
     model = GhostVisModel(mcfg, rngs=nnx.Rngs(params=jax.random.key(0, impl="rbg")), dtype=jnp.bfloat16,
                           param_dtype=jnp.bfloat16)
+    if args.decode_attn != "auto":
+        for layer in model.llm.layers:
+            layer.self_attn.attn_impl = args.decode_attn
     graphdef, state = nnx.split(model)
     decoder = Decoder(graphdef, state, unroll=args.unroll)
     llm_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.llm, nnx.Param)))
@@ -194,7 +197,8 @@ def bench_generate(args) -> None:
         emit(bench="generate", batch=bs, prompt=args.prompt, new_tokens=args.new_tokens,
              ms_per_step=round(step * 1e3, 3), tokens_per_s=round(bs / step),
              bytes_per_step_gb=round((weight_bytes + kv_bytes) / 1e9, 3),
-             achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), unroll=args.unroll, device=jax.devices()[0].device_kind)
+             achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), unroll=args.unroll,
+             decode_attn=args.decode_attn, device=jax.devices()[0].device_kind)
 
 
 def main() -> None:
@@ -217,6 +221,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every group, no warmup")
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration")
+    ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla"],
+                    help="decoder attention: auto (Pallas kernel for decode steps on GPU) or XLA everywhere")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ghostvis_jax.generate.sampling import greedy_tokens, sampled_tokens
+from ghostvis_jax.model.attention import KeyRange
 from ghostvis_jax.model.qwen2 import init_kv_cache
 
 MIN_PROMPT_BUCKET = 16
@@ -87,15 +88,14 @@ def _prefill(model, ids, valid, image_embeds, cache_len: int):
     hidden, cache = model.hidden_states(ids, image_embeds=image_embeds, positions=positions, mask=mask,
                                         cache=cache, cache_index=0)
     logits = model.llm.logits(hidden[:, -1]).astype(jnp.float32)
-    key_valid = jnp.pad(valid, ((0, 0), (0, cache_len - p)))
-    return cache, logits, key_valid
+    return cache, logits
 
 
 def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
     """Pick one token per row from `logits` (argmax, or a draw when not `greedy`), record it, and run it through
     the decoder. Greedy is static: a traced choice would be a `lax.cond`, whose predicate the GPU reads back to
     the host every step."""
-    cache, logits, out, done, step, key_valid, num_valid, row_keys = carry
+    cache, logits, out, done, step, num_valid, row_keys = carry
     if greedy:
         token = greedy_tokens(logits)
     else:
@@ -105,11 +105,12 @@ def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
     out = out.at[:, step].set(token)
     done = done | jnp.isin(token, stop_ids)
     index = prompt_len + step
-    key_valid = key_valid.at[:, index].set(True)
+    # A row's keys are contiguous: its left-padded prompt's real tokens, then every token decoded so far.
+    keys_in_view = KeyRange(start=prompt_len - num_valid, end=jnp.broadcast_to(index + 1, num_valid.shape))
     hidden, cache = model.hidden_states(jnp.maximum(token, 0)[:, None], positions=(num_valid + step)[:, None],
-                                        mask=key_valid[:, None, None, :], cache=cache, cache_index=index)
+                                        mask=keys_in_view, cache=cache, cache_index=index)
     logits = model.llm.logits(hidden[:, 0]).astype(jnp.float32)
-    return (cache, logits, out, done, step + 1, key_valid, num_valid, row_keys), token
+    return (cache, logits, out, done, step + 1, num_valid, row_keys), token
 
 
 class _Jitted:
@@ -209,13 +210,12 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
         image_embeds = jnp.pad(image_embeds, ((0, padded_images - num_images), (0, 0), (0, 0)))
 
     fns, leaves = decoder.jitted, decoder.leaves
-    cache, logits, key_valid = fns.prefill(leaves, jnp.asarray(ids), jnp.asarray(valid), image_embeds,
-                                           cache_len=cache_len)
+    cache, logits = fns.prefill(leaves, jnp.asarray(ids), jnp.asarray(valid), image_embeds, cache_len=cache_len)
     out = jnp.full((batch, cache_len), -1, jnp.int32)  # only the first max_new_tokens columns are used
     done = jnp.asarray(np.arange(batch) >= n)
     num_valid = jnp.asarray(valid.sum(axis=1), jnp.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
-    carry = (cache, logits, out, done, jnp.int32(0), key_valid, num_valid, row_keys)
+    carry = (cache, logits, out, done, jnp.int32(0), num_valid, row_keys)
     stop_list = list(stop_ids)
     stops = np.full(bucket(len(stop_list), 4), -2, np.int32)  # -2 never matches; fixed length, fewer compiles
     stops[: len(stop_list)] = stop_list

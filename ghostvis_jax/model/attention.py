@@ -1,21 +1,44 @@
-"""The one attention entry point: cuDNN flash attention on GPU where the shape allows, XLA otherwise.
+"""The one attention entry point: cuDNN flash attention on GPU where the shape allows, a Pallas kernel for
+single-token decode steps, XLA otherwise.
 
 Layout everywhere: q [B, T, N, H], k/v [B, S, K, H] with K dividing N (grouped-query attention).
-`mask` is boolean, True = may attend, broadcastable to [B, N, T, S].
+`mask` is boolean, True = may attend, broadcastable to [B, N, T, S] — or a `KeyRange` (each row attends to one
+contiguous span of keys: a decode step over a left-padded KV cache).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("cudnn", "xla", "naive")
+from ghostvis_jax.model import decode_attention
+
+IMPLEMENTATIONS = ("cudnn", "xla", "naive", "pallas")
 
 
-def pick_implementation(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> str:
-    """cuDNN's fused kernel needs a GPU, half precision, a head dim it supports and no explicit mask."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KeyRange:
+    """Row b attends to the keys at positions start[b] <= s < end[b] (int32 [B] each; end > start)."""
+    start: jax.Array
+    end: jax.Array
+
+    def as_mask(self, num_keys: int) -> jax.Array:
+        s = jnp.arange(num_keys)
+        return ((s >= self.start[:, None]) & (s < self.end[:, None]))[:, None, None, :]
+
+
+def pick_implementation(q: jax.Array, k: jax.Array, mask) -> str:
+    """cuDNN's fused kernel needs a GPU, half precision, a head dim it supports and no explicit mask; a decode
+    step (one query, a KeyRange) takes the Pallas kernel when it supports the shape (single device)."""
     if jax.default_backend() != "gpu":
         return "xla"
+    if isinstance(mask, KeyRange):
+        decode_ok = (q.shape[1] == 1 and jax.sharding.get_abstract_mesh().empty and k.dtype == q.dtype
+                     and decode_attention.supported((q.shape[0],) + q.shape[2:], k.shape, q.dtype))
+        return "pallas" if decode_ok else "xla"
     head_dim = q.shape[-1]
     if q.dtype not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or head_dim > 128:
         return "xla"
@@ -56,10 +79,16 @@ def _same_batch_sharding(*xs):
 def attention(q, k, v, *, causal: bool, mask=None, scale: float | None = None,
               implementation: str | None = None) -> jax.Array:
     impl = implementation or pick_implementation(q, k, mask)
-    if impl == "cudnn":
-        q, k, v = _same_batch_sharding(q, k, v)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "pallas":
+        if not isinstance(mask, KeyRange) or q.shape[1] != 1 or causal:
+            raise ValueError("the Pallas attention kernel serves single-token decode steps with a KeyRange mask")
+        return decode_attention.decode_attention(q[:, 0], k, v, mask.start, mask.end, scale=scale)[:, None]
+    if isinstance(mask, KeyRange):
+        mask = mask.as_mask(k.shape[1])
+    if impl == "cudnn":
+        q, k, v = _same_batch_sharding(q, k, v)
     if impl == "naive":
         return naive_attention(q, k, v, causal=causal, mask=mask, scale=scale)
     if causal and mask is not None:

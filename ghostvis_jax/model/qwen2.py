@@ -2,7 +2,8 @@
 SwiGLU MLP, tied or untied LM head. Layers are unrolled so any suffix of them can be trained alone.
 
 A fixed-size KV cache is optional: pass `cache` (one {"k", "v"} dict of [B, S, K, H] per layer) and
-`cache_index` (where the T new tokens are written) and an explicit attention `mask` [B, 1, T, S].
+`cache_index` (where the T new tokens are written) and an explicit attention `mask`: boolean [B, 1, T, S], or a
+`KeyRange` for a decode step (model/attention.py).
 """
 
 from __future__ import annotations

@@ -91,3 +91,24 @@ def test_cudnn_inputs_get_one_batch_sharding_under_a_mesh():
     for x in outs:
         assert x.sharding.spec[0] == ("data", "fsdp")
     assert _same_batch_sharding(q) == (q,)  # no mesh: untouched
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_key_range_is_the_mask_of_its_span(impl):
+    """A decode step's KeyRange (row b sees keys start[b] <= s < end[b]) through the entry point, by XLA and by
+    the Pallas kernel (interpreted on CPU), equals the loop reference under the same span as a boolean mask."""
+    from ghostvis_jax.model.attention import KeyRange
+
+    q, k, v = _qkv(3, b=3, t=1, s=32)
+    start, end = jnp.array([0, 7, 30], jnp.int32), jnp.array([32, 19, 31], jnp.int32)
+    span = KeyRange(start, end)
+    mask = span.as_mask(32)
+    want = _loop_reference(q, k, v, causal=False, mask=np.broadcast_to(mask, (3, 1, 1, 32)))
+    got = attention(q, k, v, causal=False, mask=span, implementation=impl)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_pallas_refuses_what_it_does_not_serve():
+    q, k, v = _qkv(0)
+    with pytest.raises(ValueError, match="single-token decode"):
+        attention(q, k, v, causal=True, implementation="pallas")
