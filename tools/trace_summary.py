@@ -68,7 +68,7 @@ def summarize(events: list[dict], top: int, steps: int) -> str:
     for pid, pname in sorted(proc.items()):
         if "GPU" not in pname and "gpu" not in pname:
             continue
-        kernels, ops, intervals = collections.Counter(), collections.Counter(), []
+        kernels, launches, ops, intervals = collections.Counter(), collections.Counter(), collections.Counter(), []
         for e in events:
             if e.get("ph") != "X" or e.get("pid") != pid:
                 continue
@@ -76,6 +76,7 @@ def summarize(events: list[dict], top: int, steps: int) -> str:
             dur = float(e.get("dur", 0.0))
             if tname.startswith("Stream"):
                 kernels[e["name"]] += dur
+                launches[e["name"]] += 1
                 intervals.append((float(e["ts"]), float(e["ts"]) + dur))
             elif tname == "XLA Ops":
                 ops[e["name"]] += dur
@@ -95,6 +96,9 @@ def summarize(events: list[dict], top: int, steps: int) -> str:
         lines.append(f"  top kernels (ms/step, share of kernel time):")
         for name, dur in kernels.most_common(top):
             lines.append(f"   {dur / per / 1e3:8.3f}  {100 * dur / total:5.1f}%  [{kernel_class(name)}] {name[:110]}")
+        lines.append(f"  most launched (launches/step, ms/step):")
+        for name, n in launches.most_common(min(top, 8)):
+            lines.append(f"   {n / per:8.0f}  {kernels[name] / per / 1e3:8.3f}  [{kernel_class(name)}] {name[:110]}")
         if ops:
             op_total = sum(ops.values())
             lines.append(f"  top XLA ops (ms/step):")

@@ -15,20 +15,24 @@ from ghostvis_jax.model.layers import Dense, LayerNorm, _normal, use
 
 
 class SiglipAttention(nnx.Module):
-    """q, k and v from one fused [D, 3, N, H] projection (one GEMM)."""
+    """Separate q, k, v projections: a fused [D, 3, N, H] one measured no faster on an H100 (its q/k/v slices
+    must be copied into cuDNN's layout) and 4% slower for So400m/384 (docs/LOG.md)."""
 
     def __init__(self, cfg: SiglipConfig, *, rngs, dtype, param_dtype):
         d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
         kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.qkv_proj = Dense(d, (3, self.num_heads, self.head_dim), axes=("embed", None, "heads", None), **kw)
+        self.q_proj = Dense(d, d, axes=("embed", "heads"), **kw)
+        self.k_proj = Dense(d, d, axes=("embed", "heads"), **kw)
+        self.v_proj = Dense(d, d, axes=("embed", "heads"), **kw)
         self.out_proj = Dense(d, d, axes=("heads", "embed"), **kw)
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
         self.attn_impl: str | None = None
 
     def __call__(self, x):
         b, p, d = x.shape
-        qkv = self.qkv_proj(x)                                          # [B, P, 3, N, H]
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=False, implementation=self.attn_impl)
+        split = lambda y: y.reshape(b, p, self.num_heads, self.head_dim)
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), causal=False,
+                        implementation=self.attn_impl)
         return self.out_proj(out.reshape(b, p, d))
 
 

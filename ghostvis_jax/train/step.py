@@ -63,13 +63,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: i
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(_):
+            updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # A branch, not a select per leaf: `where(finite, new, old)` over params, mu and nu was a separate pass
+        # over the optimizer state (~10 ms a step for the full 1.5B fine-tune on an H100).
+        new_params, new_opt_state = jax.lax.cond(finite, update, lambda _: (params, state["opt_state"]), None)
         new_state = {
             "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt_state, state["opt_state"]),
+            "params": new_params,
+            "opt_state": new_opt_state,
             "rng": state["rng"],
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
             "bad_streak": jnp.where(finite, 0, state["bad_streak"] + 1).astype(jnp.int32),

@@ -140,14 +140,12 @@ def siglip_entries(cfg: SiglipConfig) -> list[Entry]:
         Entry(("embeddings.patch_embedding.bias",), (root + ("patch_bias",),), COPY),
         Entry(("embeddings.position_embedding.weight",), (root + ("position_embedding",),), COPY),
     ]
-    heads = (cfg.num_heads, cfg.hidden_size // cfg.num_heads)
     for i in range(cfg.num_layers):
         t, p = f"encoder.layers.{i}", root + ("layers", i)
         out += _norm(f"{t}.layer_norm1", p + ("layer_norm1",), bias=True)
         out += _norm(f"{t}.layer_norm2", p + ("layer_norm2",), bias=True)
-        out += _fused([f"{t}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")], p + ("self_attn", "qkv_proj"),
-                      True, STACKED, heads)
-        out += _linear(f"{t}.self_attn.out_proj", p + ("self_attn", "out_proj"), bias=True)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out += _linear(f"{t}.self_attn.{name}", p + ("self_attn", name), bias=True)
         out += _linear(f"{t}.mlp.fc1", p + ("mlp", "fc1"), bias=True)
         out += _linear(f"{t}.mlp.fc2", p + ("mlp", "fc2"), bias=True)
     out += _norm("post_layernorm", root + ("post_layernorm",), bias=True)
