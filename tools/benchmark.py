@@ -7,8 +7,9 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
   python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --unroll (decode steps
-per loop iteration), --decode-attn (Pallas decode kernel or XLA), --compute-dtype and --losses --lr (the bf16 vs
-float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
+per loop iteration), --decode-attn (Pallas decode kernel or XLA), --compute-dtype and --losses --lr (the bf16
+vs float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
+shapes: checks the tool on a CPU).
 """
 
 from __future__ import annotations
@@ -168,9 +169,13 @@ def bench_generate(args) -> None:
     mcfg = model_config(args)
     model = GhostVisModel(mcfg, rngs=nnx.Rngs(params=jax.random.key(0, impl="rbg")), dtype=jnp.bfloat16,
                           param_dtype=jnp.bfloat16)
-    if args.decode_attn != "auto":
+    if args.decode_attn == "xla":
         for layer in model.llm.layers:
-            layer.self_attn.attn_impl = args.decode_attn
+            layer.self_attn.attn_impl = "xla"
+    elif args.decode_attn == "pallas":  # every decode step, whatever its batch (prefill keeps cuDNN)
+        from ghostvis_jax.model import attention
+
+        attention.PALLAS_DECODE_MIN_PROGRAMS = 1
     graphdef, state = nnx.split(model)
     decoder = Decoder(graphdef, state, unroll=args.unroll)
     llm_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.llm, nnx.Param)))
@@ -221,8 +226,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every group, no warmup")
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration")
-    ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla"],
-                    help="decoder attention: auto (Pallas kernel for decode steps on GPU) or XLA everywhere")
+    ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla", "pallas"],
+                    help="decode-step attention: auto (Pallas from 64 rows x kv heads), xla, or pallas")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")

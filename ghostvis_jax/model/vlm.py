@@ -25,11 +25,17 @@ def scatter_image_embeds(text_embeds: jax.Array, input_ids: jax.Array, image_emb
     Slots are filled in row-major order; images beyond the number of slots (blank padding) are unused.
     """
     b, t, d = text_embeds.shape
-    is_slot = (input_ids == image_token_id).reshape(-1)
+    is_slot = input_ids == image_token_id
     flat_images = image_embeds.reshape(-1, d).astype(text_embeds.dtype)
-    slot_rank = jnp.clip(jnp.cumsum(is_slot) - 1, 0, flat_images.shape[0] - 1)
-    merged = jnp.where(is_slot[:, None], flat_images[slot_rank], text_embeds.reshape(-1, d))
-    return merged.reshape(b, t, d)
+    # A slot's rank = the slots in earlier rows + those before it in its row. Not one cumsum over the flattened
+    # batch: with rows sharded over devices, XLA's GPU backend ran that scan as ~33k kernels a step (2 H100s,
+    # docs/LOG.md); a per-row cumsum stays on one device and the row offsets are a [B, B] masked sum.
+    per_row = jnp.sum(is_slot, axis=1, dtype=jnp.int32)
+    earlier_rows = jnp.arange(b)[None, :] < jnp.arange(b)[:, None]
+    row_offset = jnp.sum(jnp.where(earlier_rows, per_row[None, :], 0), axis=1)
+    slot_rank = row_offset[:, None] + jnp.cumsum(is_slot, axis=1, dtype=jnp.int32) - 1
+    slot_rank = jnp.clip(slot_rank, 0, flat_images.shape[0] - 1)
+    return jnp.where(is_slot[..., None], flat_images[slot_rank], text_embeds)
 
 
 def check_image_slots(input_ids, num_images: int, num_image_tokens: int, image_token_id: int) -> None:

@@ -52,9 +52,19 @@ def test_attention_with_padding_mask_and_cache_shape():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_picks_xla_and_unknown_implementation_is_refused():
+def test_implementation_choice_and_unknown_implementation_is_refused():
+    from ghostvis_jax.model.attention import KeyRange
+
     q, k, v = _qkv(2)
-    assert pick_implementation(q.astype(jnp.bfloat16), k, None) == "xla"  # no GPU here
+    span = KeyRange(jnp.zeros(2, jnp.int32), jnp.full(2, 7, jnp.int32))
+    if jax.default_backend() == "gpu":
+        assert pick_implementation(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), None) == "cudnn"
+        big = jnp.zeros((64, 1, 4, 16), jnp.bfloat16), jnp.zeros((64, 32, 2, 16), jnp.bfloat16)
+        assert pick_implementation(*big, KeyRange(jnp.zeros(64, jnp.int32), jnp.ones(64, jnp.int32))) == "pallas"
+        assert pick_implementation(q[:, :1].astype(jnp.bfloat16), k.astype(jnp.bfloat16), span) == "xla"  # 4 programs
+    else:
+        assert pick_implementation(q.astype(jnp.bfloat16), k, None) == "xla"
+        assert pick_implementation(q[:, :1], k, span) == "xla"
     with pytest.raises(ValueError, match="implementation"):
         attention(q, k, v, causal=True, implementation="flash9")
 
