@@ -86,6 +86,7 @@ def test_cudnn_matches_reference_on_gpu(causal):
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 fake CPU devices of the test setup")
 def test_cudnn_inputs_get_one_batch_sharding_under_a_mesh():
     """cuDNN's partitioner needs q, k and v laid out alike; under a mesh they are constrained to the batch axes."""
     from jax.sharding import NamedSharding, PartitionSpec as P
