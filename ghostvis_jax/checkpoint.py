@@ -111,11 +111,28 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, abstract)
     except Exception as e:  # noqa: BLE001 — orbax raises many types for a tree that does not match
+        unfused = _unfused_projections(params_dir)
+        if unfused:
+            raise CheckpointError(
+                f"{path}: written by an earlier ghostvis_jax with separate decoder projections ({', '.join(unfused)}); "
+                f"the decoder now stores q|k|v and gate|up fused. Convert the original weights again with "
+                f"tools/convert_torch_weights.py (or export this folder with that earlier version first)") from None
         raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE} or are unreadable: {e}") from None
     if not all_finite(params):
         bad = [p for p, x in traverse_util.flatten_dict(params).items() if not all_finite(x)]
         raise CheckpointError(f"{path}: parameter {'/'.join(map(str, bad[0]))} holds NaN or Inf")
     return params
+
+
+def _unfused_projections(params_dir: str) -> list[str]:
+    """Names of the pre-fusion decoder projections (q_proj, gate_proj, …) stored in `params_dir`, if any."""
+    try:
+        tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception:  # noqa: BLE001 — unreadable metadata: the caller reports the restore error instead
+        return []
+    old_names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    paths = [tuple(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return sorted({n for p in paths if p[:1] == ("llm",) for n in p if n in old_names})
 
 
 def load_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[GhostVisConfig, GhostVisModel]:

@@ -141,6 +141,24 @@ def test_model_folders(tiny_checkpoint, tmp_path, ledger):
     json.dump(cfg, open(os.path.join(wrong, checkpoint.CONFIG_FILE), "w"))
     _refused(ledger, SURFACE_W, "model folder whose parameters do not match its config", lambda: gv.load(wrong),
              checkpoint.CheckpointError, [wrong, "do not match"])
+    old = str(tmp_path / "unfused_layout")
+    shutil.copytree(tiny_checkpoint, old)
+    unfused = {}
+    for k, v in traverse_util.flatten_dict(checkpoint.load_params(old, config)).items():
+        if "qkv_proj" in k:  # the layout before fusion: [D, N·H] / [D, K·H] kernels
+            parts = np.split(np.asarray(v), [v.shape[-2] - 2, v.shape[-2] - 1], axis=-2)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                unfused[k[:-2] + (name, k[-1])] = part.reshape(part.shape[:-3] + (-1,)) if k[-1] == "kernel" \
+                    else part.reshape(-1)
+        elif "gate_up_proj" in k:
+            unfused[k[:-2] + ("gate_proj", k[-1])], unfused[k[:-2] + ("up_proj", k[-1])] = np.asarray(v)[:, 0], \
+                np.asarray(v)[:, 1]
+        else:
+            unfused[k] = np.asarray(v)
+    saver.save(os.path.abspath(os.path.join(old, "params")), traverse_util.unflatten_dict(unfused), force=True)
+    saver.wait_until_finished()
+    _refused(ledger, SURFACE_W, "model folder from before the fused q|k|v and gate|up projections",
+             lambda: gv.load(old), checkpoint.CheckpointError, [old, "gate_proj", "convert_torch_weights"])
 
 
 BAD_CONFIGS = [
