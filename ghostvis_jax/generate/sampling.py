@@ -1,7 +1,8 @@
 """Next-token choice: greedy, or temperature sampling restricted by top-k and top-p (nucleus).
 
 All three knobs are traced scalars, so changing them does not recompile; greedy skips the sort entirely
-(`lax.cond` here; the decode loop compiles a separate greedy program, which also draws no random keys). Each row draws with its own key, so a row's sample does not depend on its batch neighbours.
+(`lax.cond` here; the decode loop compiles a separate greedy program, which also draws no random keys).
+Each row draws with its own key, so a row's sample does not depend on its batch neighbours.
 """
 
 from __future__ import annotations
