@@ -13,8 +13,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ghostvis_jax.model import decode_attention
-
 IMPLEMENTATIONS = ("cudnn", "xla", "naive", "pallas")
 PALLAS_DECODE_MIN_PROGRAMS = 64  # batch x kv heads of a decode step before the Pallas kernel is picked
 
@@ -37,6 +35,8 @@ def pick_implementation(q: jax.Array, k: jax.Array, mask) -> str:
     if jax.default_backend() != "gpu":
         return "xla"
     if isinstance(mask, KeyRange):
+        from ghostvis_jax.model import decode_attention  # Pallas is imported only where a decode step may use it
+
         # One kernel program per (row, kv head): below ~64 programs the H100 sits mostly idle and XLA's few
         # small kernels win (measured: Pallas 3.6% faster at batch 64, 2-4% slower at batch 1 and 8).
         decode_ok = (q.shape[1] == 1 and q.shape[0] * k.shape[2] >= PALLAS_DECODE_MIN_PROGRAMS
@@ -88,7 +88,9 @@ def attention(q, k, v, *, causal: bool, mask=None, scale: float | None = None,
     if impl == "pallas":
         if not isinstance(mask, KeyRange) or q.shape[1] != 1 or causal:
             raise ValueError("the Pallas attention kernel serves single-token decode steps with a KeyRange mask")
-        return decode_attention.decode_attention(q[:, 0], k, v, mask.start, mask.end, scale=scale)[:, None]
+        from ghostvis_jax.model.decode_attention import decode_attention
+
+        return decode_attention(q[:, 0], k, v, mask.start, mask.end, scale=scale)[:, None]
     if isinstance(mask, KeyRange):
         mask = mask.as_mask(k.shape[1])
     if impl == "cudnn":
