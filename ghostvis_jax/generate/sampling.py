@@ -1,7 +1,7 @@
 """Next-token choice: greedy, or temperature sampling restricted by top-k and top-p (nucleus).
 
-All three knobs are traced scalars, so changing them does not recompile; greedy skips the sort entirely
-(`lax.cond` here; the decode loop compiles a separate greedy program, which also draws no random keys).
+All three knobs are traced scalars, so changing them does not recompile. Greedy is a function of its own: the
+decode loop compiles a separate greedy program (no sort, no random keys, no branch per token).
 Each row draws with its own key, so a row's sample does not depend on its batch neighbours.
 """
 
@@ -30,6 +30,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """logits [B, V] → int32 [B]: the argmax of each row."""
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -37,9 +38,3 @@ def sampled_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p
     """One draw per row from the filtered, temperature-scaled distribution (temperature > 0)."""
     scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
     return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-
-
-def next_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """logits [B, V] float32, keys [B] PRNG keys → int32 [B]. temperature <= 0 is greedy (argmax)."""
-    return jax.lax.cond(temperature > 0, lambda _: sampled_tokens(logits, keys, temperature, top_k, top_p),
-                        lambda _: greedy_tokens(logits), None)

@@ -49,7 +49,7 @@ class Qwen2Attention(nnx.Module):
         self.qkv_proj = Dense(d, (kv, self.group + 2, h), use_bias=True, axes=("embed", "kv_heads", None, None),
                               **kw)
         self.o_proj = Dense(cfg.num_heads * h, d, use_bias=False, axes=("heads", "embed"), **kw)
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, kv, h
+        self.num_heads, self.head_dim = cfg.num_heads, h
         self.attn_impl: str | None = None
 
     def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
