@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every group, no warmup")
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
-    ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration")
+    ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration (>= 1)")
     ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla", "pallas"],
                     help="decode-step attention: auto (Pallas from 64 rows x kv heads), xla, or pallas")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
@@ -233,6 +233,8 @@ def main() -> None:
                                        "print the GPU time summary (tools/trace_summary.py)")
     ap.add_argument("--profile-top", type=int, default=20)
     args = ap.parse_args()
+    if args.unroll < 1:
+        ap.error(f"--unroll must be >= 1, got {args.unroll}")
     if args.bench in ("train-sft", "train-align"):
         args.batch = args.batch or 8
         bench_train(args, args.bench.split("-")[1])

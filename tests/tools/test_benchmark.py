@@ -32,6 +32,12 @@ def test_generate_bench_reports_each_batch():
     assert all(r["bench"] == "generate" and "ms_per_step" in r for r in rows)
 
 
+def test_a_bad_option_is_refused_by_name():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "generate", "--tiny",
+                           "--unroll", "0"], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    assert proc.returncode == 2 and "--unroll must be >= 1, got 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_compare_tabulates_ratios(tmp_path):
     rows = [{"peer": "torch", "bench": "train-sft", "batch": 8, "vision": "large256", "tokens_per_s": 40000},
             {"peer": "jax", "bench": "train-sft", "batch": 8, "vision": "large256", "tokens_per_s": 70000},
