@@ -74,13 +74,12 @@ def image_token_id_from_folder(folder: str) -> int | None:
 def _apply_entries(entries, state, source, ignored, expected, out, problems, ignored_found):
     used = set()
     for e in entries:
+        used.update(k for k in e.torch_keys if k in state)  # a fused group's present keys are expected ones
         missing = [k for k in e.torch_keys if k not in state]
         for k in missing:
-            shapes = [expected.get(p) for p in e.paths]
-            problems.append(f"{source}: missing key {k!r} (model parameter shape {shapes[0]})")
+            problems.append(f"{source}: missing key {k!r} (model parameter shape {expected.get(e.paths[0])})")
         if missing:
             continue
-        used.update(e.torch_keys)
         tensors = tuple(np.asarray(state[k]) for k in e.torch_keys)
         bad = [(k, t.dtype) for k, t in zip(e.torch_keys, tensors) if t.dtype not in FLOAT_DTYPES]
         for k, dtype in bad:

@@ -135,3 +135,24 @@ def test_cli_reports_error_and_exit_code(folders, tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1
     assert "nope" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_fused_group_problems_name_the_key_and_not_its_partners(folders, tmp_path):
+    """q|k|v and gate|up become one parameter each: a missing member is named alone (its present partner is not
+    "unexpected"), and a member of the wrong shape is named with its shape and the fused parameter's."""
+    root, _ = folders
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    for name in os.listdir(root / "qwen"):
+        if name != "model.safetensors":
+            os.symlink(root / "qwen" / name, qwen / name)
+    state = load_file(str(root / "qwen" / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.k_proj.weight"][:-2]
+    save_file(state, str(qwen / "model.safetensors"))
+    with pytest.raises(ConversionError) as err:
+        convert(str(qwen), str(root / "siglip"), str(tmp_path / "out"), **SMALL)
+    msg = str(err.value)
+    assert "2 problem(s)" in msg and "missing key 'model.layers.1.mlp.up_proj.weight'" in msg
+    assert "gate_proj" not in msg
+    assert "'model.layers.0.self_attn.k_proj.weight' has shape (30, 64)" in msg and "qkv_proj/kernel" in msg
