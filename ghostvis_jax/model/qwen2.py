@@ -15,6 +15,7 @@ from flax import nnx
 from ghostvis_jax.config import QwenConfig
 from ghostvis_jax.model.attention import attention
 from ghostvis_jax.model.layers import Dense, Embed, RMSNorm, use
+from ghostvis_jax.model.swiglu import swiglu
 from ghostvis_jax.sharding import constrain_batch
 
 KVCache = list[dict[str, jax.Array]]
@@ -70,7 +71,8 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2MLP(nnx.Module):
-    """SwiGLU with gate and up fused into one [D, 2, I] projection (one GEMM forward, one for the input gradient)."""
+    """SwiGLU with gate and up fused into one [D, 2, I] projection (one GEMM forward, one for the input gradient);
+    the activation's backward is one pass (model/swiglu.py)."""
 
     def __init__(self, cfg: QwenConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, i = cfg.hidden_size, cfg.intermediate_size
@@ -79,8 +81,7 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = Dense(i, d, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class Qwen2Layer(nnx.Module):

@@ -1,0 +1,126 @@
+"""SwiGLU, `silu(gate) * up` over the fused gate|up projection [..., 2, I], with a one-pass backward.
+
+Why a custom backward: autodiff gives XLA the cotangent of the fused projection as one [..., 2, I] array whose
+two halves are different functions of the same three inputs (gate, up and the output cotangent). XLA's loop
+emitter computes each output element on its own, so every element of both halves re-reads gate, up and the
+cotangent: about twice the bytes of one pass. On an H200 that kernel took 0.36 ms per layer of the full
+fine-tune (28 launches, 10.2 ms of a 166 ms step; docs/LOG.md). The Pallas kernel below reads each input once
+and writes both halves from the same program. Elsewhere (CPU, odd shapes) the same math runs as jnp.
+
+The forward is XLA's own fusion (it reads the projection once already), so inference is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+BLOCK_ROWS = 16
+BLOCK_COLS = (256, 128)  # the first that divides the intermediate size
+USE_KERNEL_ON_GPU = True  # tools/benchmark.py --swiglu-grad xla turns it off (the A/B measurement)
+
+
+@jax.custom_vjp
+def swiglu(gate_up: jax.Array) -> jax.Array:
+    """gate_up [..., 2, I] (gate first, as Qwen2MLP's fused kernel) → silu(gate) * up [..., I], same dtype."""
+    return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+def _forward(gate_up):
+    return swiglu(gate_up), gate_up
+
+
+def _backward(gate_up, d_out):
+    return (swiglu_grad(gate_up, d_out),)
+
+
+swiglu.defvjp(_forward, _backward)
+
+
+def swiglu_grad_reference(gate_up: jax.Array, d_out: jax.Array) -> jax.Array:
+    """d(silu(g) * u) / d[g, u] times d_out, in float32, as [..., 2, I] in gate_up's dtype."""
+    g = gate_up[..., 0, :].astype(jnp.float32)
+    u = gate_up[..., 1, :].astype(jnp.float32)
+    d = d_out.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+    d_up = d * g * sig
+    return jnp.stack([d_gate, d_up], axis=-2).astype(gate_up.dtype)
+
+
+def kernel_block_cols(gate_up_shape: tuple[int, ...]) -> int | None:
+    """Column block of the Pallas kernel for this [..., 2, I] shape, or None where it does not apply."""
+    rows, inner = math.prod(gate_up_shape[:-2]), gate_up_shape[-1]
+    if gate_up_shape[-2] != 2 or rows % BLOCK_ROWS or rows * 2 * inner >= 2**31:  # offsets are int32
+        return None
+    return next((c for c in BLOCK_COLS if inner % c == 0), None)
+
+
+def _grad_kernel(gate_up_ref, d_out_ref, grad_ref, *, block_cols: int, inner: int):
+    """Refs are whole arrays: gate_up/grad [M, 2·I] (gate columns, then up columns), d_out [M, I]."""
+    rows = pl.ds(pl.multiple_of(pl.program_id(0) * BLOCK_ROWS, BLOCK_ROWS), BLOCK_ROWS)
+    first = pl.multiple_of(pl.program_id(1) * block_cols, block_cols)
+    gate_cols, up_cols = pl.ds(first, block_cols), pl.ds(inner + first, block_cols)
+    g = gate_up_ref[rows, gate_cols].astype(jnp.float32)
+    u = gate_up_ref[rows, up_cols].astype(jnp.float32)
+    d = d_out_ref[rows, gate_cols].astype(jnp.float32)
+    sig = 1.0 / (1.0 + jnp.exp(-g))
+    grad_ref[rows, gate_cols] = (d * u * sig * (1.0 + g * (1.0 - sig))).astype(grad_ref.dtype)
+    grad_ref[rows, up_cols] = (d * g * sig).astype(grad_ref.dtype)
+
+
+def swiglu_grad_pallas(gate_up: jax.Array, d_out: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """The reference's result from one Pallas (Triton) kernel; shapes must pass `kernel_block_cols`."""
+    from jax.experimental.pallas import triton as plgpu
+
+    block_cols = kernel_block_cols(gate_up.shape)
+    if block_cols is None or d_out.shape != gate_up.shape[:-2] + gate_up.shape[-1:]:
+        raise ValueError(f"swiglu_grad_pallas: unsupported shapes gate_up {gate_up.shape}, d_out {d_out.shape}")
+    inner = gate_up.shape[-1]
+    rows = math.prod(gate_up.shape[:-2])
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
+    grad = pl.pallas_call(
+        functools.partial(_grad_kernel, block_cols=block_cols, inner=inner),
+        grid=(rows // BLOCK_ROWS, inner // block_cols),
+        in_specs=[whole((rows, 2 * inner)), whole((rows, inner))],
+        out_specs=whole((rows, 2 * inner)),
+        out_shape=jax.ShapeDtypeStruct((rows, 2 * inner), gate_up.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="swiglu_grad",
+    )(gate_up.reshape(rows, 2 * inner), d_out.reshape(rows, inner))
+    return grad.reshape(gate_up.shape)
+
+
+def _row_axes(rows: int, mesh) -> tuple[str, ...]:
+    """The mesh axes the activations' rows are sharded over under FSDP (as sharding.constrain_batch lays them)."""
+    from ghostvis_jax.sharding import BATCH_AXES
+
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    return axes if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def swiglu_grad(gate_up: jax.Array, d_out: jax.Array, *, use_kernel: bool | None = None,
+                interpret: bool = False) -> jax.Array:
+    """The backward of `swiglu`: the Pallas kernel on a GPU where the shape allows, else the jnp reference.
+
+    Under a mesh (FSDP) the kernel runs per device through shard_map: it is elementwise, so each device's rows
+    are independent (a custom call left to GSPMD would be gathered onto every device). Tensor parallelism
+    (a sharded intermediate dim) takes the reference path."""
+    if use_kernel is None:
+        use_kernel = USE_KERNEL_ON_GPU and jax.default_backend() == "gpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else _row_axes(gate_up.shape[0], mesh)
+    local_shape = (gate_up.shape[0] // math.prod(mesh.shape[a] for a in axes),) + gate_up.shape[1:]
+    tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
+    if not use_kernel or tensor_parallel or kernel_block_cols(local_shape) is None:
+        return swiglu_grad_reference(gate_up, d_out)
+    kernel = functools.partial(swiglu_grad_pallas, interpret=interpret)
+    if mesh.empty:
+        return kernel(gate_up, d_out)
+    spec = jax.sharding.PartitionSpec(axes or None)
+    return jax.shard_map(kernel, in_specs=(spec, spec), out_specs=spec, check_vma=False)(gate_up, d_out)
