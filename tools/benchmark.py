@@ -7,7 +7,8 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
   python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --unroll (decode steps
-per loop iteration), --decode-attn (Pallas decode kernel or XLA), --compute-dtype and --losses --lr (the bf16
+per loop iteration), --decode-attn (Pallas decode kernel or XLA), --swiglu-grad (the SwiGLU backward's Pallas
+kernel or XLA), --compute-dtype and --losses --lr (the bf16
 vs float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
 shapes: checks the tool on a CPU).
 """
@@ -67,6 +68,9 @@ def model_config(args):
 
 
 def bench_train(args, stage: str) -> None:
+    from ghostvis_jax.model import swiglu
+
+    swiglu.USE_KERNEL_ON_GPU = args.swiglu_grad == "pallas"
     mcfg = model_config(args)
     c = base_config()
     c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, args.unfreeze
@@ -128,7 +132,8 @@ def bench_train(args, stage: str) -> None:
          images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
          mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
          init_s=round(init_s, 1), compile_s=round(compile_s, 1), loss=float(metrics["loss"]),
-         compute_dtype=args.compute_dtype, **({"losses": losses} if args.losses else {}),
+         compute_dtype=args.compute_dtype, swiglu_grad=args.swiglu_grad, loss_chunk=args.chunk,
+         **({"losses": losses} if args.losses else {}),
          device=jax.devices()[0].device_kind)
 
 
@@ -219,7 +224,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=192)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--remat", default="none", choices=sorted(train_setup.REMAT_POLICIES))
-    ap.add_argument("--chunk", type=int, default=1024, help="cross-entropy chunk (tokens per row)")
+    ap.add_argument("--chunk", type=int, default=base_config().loss_chunk_size,
+                    help="cross-entropy chunk (tokens per row; default: the trainer's)")
     ap.add_argument("--mesh-data", type=int, default=1)
     ap.add_argument("--mesh-fsdp", type=int, default=-1)
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -228,6 +234,8 @@ def main() -> None:
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration (>= 1)")
     ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla", "pallas"],
                     help="decode-step attention: auto (Pallas from 64 rows x kv heads), xla, or pallas")
+    ap.add_argument("--swiglu-grad", default="pallas", choices=["pallas", "xla"],
+                    help="SwiGLU backward: the one-pass Pallas kernel (GPU) or XLA's fusion of the same math")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")
