@@ -7,8 +7,8 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
   python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --unroll (decode steps
-per loop iteration), --decode-attn (Pallas decode kernel or XLA), --swiglu-grad (the SwiGLU backward's Pallas
-kernel or XLA), --compute-dtype and --losses --lr (the bf16
+per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k, --swiglu-grad (the SwiGLU
+backward's Pallas kernel or XLA), --compute-dtype and --losses --lr (the bf16
 vs float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
 shapes: checks the tool on a CPU).
 """
@@ -181,6 +181,11 @@ def bench_generate(args) -> None:
         from ghostvis_jax.model import attention
 
         attention.PALLAS_DECODE_MIN_PROGRAMS = 1
+    if args.decode_block_k:
+        from ghostvis_jax.model import decode_attention
+
+        decode_attention.MAX_BLOCK_K = args.decode_block_k
+        decode_attention.BLOCK_BYTES = args.decode_block_k * mcfg.llm.head_dim * 2
     graphdef, state = nnx.split(model)
     decoder = Decoder(graphdef, state, unroll=args.unroll)
     llm_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.llm, nnx.Param)))
@@ -208,7 +213,7 @@ def bench_generate(args) -> None:
              ms_per_step=round(step * 1e3, 3), tokens_per_s=round(bs / step),
              bytes_per_step_gb=round((weight_bytes + kv_bytes) / 1e9, 3),
              achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), unroll=args.unroll,
-             decode_attn=args.decode_attn, device=jax.devices()[0].device_kind)
+             decode_attn=args.decode_attn, decode_block_k=args.decode_block_k, device=jax.devices()[0].device_kind)
 
 
 def main() -> None:
@@ -234,6 +239,8 @@ def main() -> None:
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration (>= 1)")
     ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla", "pallas"],
                     help="decode-step attention: auto (Pallas from 64 rows x kv heads), xla, or pallas")
+    ap.add_argument("--decode-block-k", type=int, default=0,
+                    help="cache positions per block of the Pallas decode kernel (power of 2; 0: its default)")
     ap.add_argument("--swiglu-grad", default="pallas", choices=["pallas", "xla"],
                     help="SwiGLU backward: the one-pass Pallas kernel (GPU) or XLA's fusion of the same math")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
@@ -243,6 +250,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.unroll < 1:
         ap.error(f"--unroll must be >= 1, got {args.unroll}")
+    if args.decode_block_k and (args.decode_block_k < 16 or args.decode_block_k & (args.decode_block_k - 1)):
+        ap.error(f"--decode-block-k must be a power of 2 >= 16, got {args.decode_block_k}")
     if args.bench in ("train-sft", "train-align"):
         args.batch = args.batch or 8
         bench_train(args, args.bench.split("-")[1])

@@ -23,8 +23,10 @@ from jax.experimental.pallas import triton as plgpu
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MIN_BLOCK = 16  # Triton's dot needs every dim >= 16
-_MAX_BLOCK_K = 128
-_BLOCK_BYTES = 16 * 1024  # one [block_k, H] cache tile; keeps the per-program register working set modest
+# Tuning knobs (tools/benchmark.py --decode-block-k sets both): the largest cache block, and the most bytes one
+# [block_k, H] cache tile may take (keeps the per-program working set modest).
+MAX_BLOCK_K = 128
+BLOCK_BYTES = 16 * 1024
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -32,9 +34,10 @@ def _is_power_of_2(x: int) -> bool:
 
 
 def _default_block_k(seq_len: int, head_dim: int, dtype) -> int | None:
-    """Largest power-of-2 block (16..128, tile <= _BLOCK_BYTES) dividing the cache length; None if none does."""
-    block_k = _MAX_BLOCK_K
-    while block_k > _MIN_BLOCK and (block_k * head_dim * jnp.dtype(dtype).itemsize > _BLOCK_BYTES
+    """Largest power-of-2 block (16..MAX_BLOCK_K, tile <= BLOCK_BYTES) dividing the cache length; None if none
+    does."""
+    block_k = MAX_BLOCK_K
+    while block_k > _MIN_BLOCK and (block_k * head_dim * jnp.dtype(dtype).itemsize > BLOCK_BYTES
                                     or seq_len % block_k):
         block_k //= 2
     return block_k if seq_len % block_k == 0 else None

@@ -62,7 +62,7 @@ def test_kernel_declines_shapes_it_cannot_tile_and_the_grad_falls_back(shape):
 
 
 def test_fsdp_runs_the_kernel_per_device_without_gathering_rows():
-    mesh = sharding.make_mesh(1, 8, 1)
+    mesh = sharding.make_mesh(1, 8, 1, devices=jax.devices("cpu"))  # the 8 fake CPU devices, also on a GPU host
     gate_up, d_out = _inputs((8, 16, 2, 128), jnp.bfloat16, seed=4)
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     gate_up, d_out = jax.device_put(gate_up, rows), jax.device_put(d_out, rows)
