@@ -111,6 +111,12 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def without_fsdp(shardings):
+    """The same layouts with the `fsdp` axis dropped (replicated over it; tensor sharding stays)."""
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(s.mesh, P(*(None if a == "fsdp" else a for a in s.spec))), shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, *, leading_unsharded: int = 0) -> NamedSharding:
     """Shard the batch dimension (after `leading_unsharded` dims, e.g. the micro-batch axis) over data x fsdp."""
     return NamedSharding(mesh, P(*([None] * leading_unsharded), BATCH_AXES, *([None] * (ndim - 1 - leading_unsharded))))

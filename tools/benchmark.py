@@ -6,10 +6,10 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
 
   python tools/benchmark.py train-sft [--batch 8 --seq 2048 --image-tokens 64 --unfreeze 4 --steps 5]
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
-Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --chunk (loss chunk size), --unroll (decode steps
-per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k, --swiglu-grad (the SwiGLU
-backward's Pallas kernel or XLA), --compute-dtype and --losses --lr (the bf16
-vs float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
+Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen, --chunk (loss chunk size),
+--unroll (decode steps per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k,
+--swiglu-grad (the SwiGLU backward's Pallas kernel or XLA), --compute-dtype and --losses --lr (the bf16 vs
+float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
 shapes: checks the tool on a CPU).
 """
 
@@ -82,6 +82,7 @@ def bench_train(args, stage: str) -> None:
     if args.compute_dtype == "float32":
         c.frozen_param_dtype = "float32"
     c.mesh.data, c.mesh.fsdp = args.mesh_data, args.mesh_fsdp
+    c.mesh.shard_frozen = not args.replicate_frozen
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     t0 = time.perf_counter()
     setup = train_setup.build(mcfg, c, mesh, total_steps=1000)
@@ -127,7 +128,8 @@ def bench_train(args, stage: str) -> None:
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(setup.state["params"]))
     emit(bench=f"train-{stage}", batch=args.batch, seq=T, image_tokens=N if images else 0,
          unfreeze=args.unfreeze if stage == "sft" else (mcfg.llm.num_layers if stage == "full" else 0), vision=args.vision,
-         devices=n_dev, mesh=dict(mesh.shape), remat=args.remat, step_ms=round(dt * 1e3, 2),
+         devices=n_dev, mesh=dict(mesh.shape), shard_frozen=not args.replicate_frozen, remat=args.remat,
+         step_ms=round(dt * 1e3, 2),
          tokens_per_s=round(B * T / dt), tokens_per_s_per_device=round(B * T / dt / n_dev),
          images_per_s=round(images / dt, 1), tflops=round(flops / dt / 1e12, 1),
          mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
@@ -233,6 +235,8 @@ def main() -> None:
                     help="cross-entropy chunk (tokens per row; default: the trainer's)")
     ap.add_argument("--mesh-data", type=int, default=1)
     ap.add_argument("--mesh-fsdp", type=int, default=-1)
+    ap.add_argument("--replicate-frozen", action="store_true",
+                    help="keep a full copy of the frozen weights on every device (config.mesh.shard_frozen=False)")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every group, no warmup")
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")

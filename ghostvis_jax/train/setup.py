@@ -99,7 +99,7 @@ def split_by_labels(params: dict, labels: dict) -> tuple[dict, dict]:
 
 def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: int) -> TrainSetup:
     """cfg: the training ConfigDict (stage, num_trainable_layers, init, init_checkpoint, seed, compute_dtype,
-    frozen_param_dtype, remat, loss_chunk_size, optim.*)."""
+    frozen_param_dtype, remat, loss_chunk_size, mesh.shard_frozen, optim.*)."""
     compute = DTYPES[cfg.compute_dtype]
     abstract = checkpoint.abstract_model(model_config, dtype=compute, param_dtype=jnp.float32)
     abstract.llm.remat_policy = REMAT_POLICIES[cfg.remat]
@@ -120,6 +120,8 @@ def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: in
     if not trainable:
         raise ValueError(f"stage {cfg.stage!r} leaves no parameter to train")
     trainable_sh, frozen_sh = split_by_labels(full_shardings, labels_full)
+    if not cfg.mesh.get("shard_frozen", True):
+        frozen_sh = sharding.without_fsdp(frozen_sh)
     frozen_dtype = DTYPES[cfg.frozen_param_dtype]
     frozen = jax.jit(lambda f: jax.tree_util.tree_map(lambda x: x.astype(frozen_dtype), f),
                      out_shardings=frozen_sh, donate_argnums=0)(frozen)

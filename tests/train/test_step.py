@@ -98,6 +98,36 @@ def test_fsdp_gathers_parameters_not_activations():
     assert all(int(n) == 8 for n in token_level), token_level
 
 
+def test_replicated_frozen_weights_skip_their_all_gathers_and_train_the_same():
+    """mesh.shard_frozen=False: frozen weights whole on every device (no gather for them), trainable ones and the
+    optimizer state still sharded; the same losses and updates as ZeRO-3 over everything."""
+    import re
+
+    mesh = sharding.make_mesh(fsdp=-1)
+    batch = stack_micro_batches([random_batch(0)])
+    results = {}
+    for shard_frozen in (True, False):
+        cfg = _cfg()
+        cfg.mesh.shard_frozen = shard_frozen
+        setup = train_setup.build(tiny_model_config(), cfg, mesh, total_steps=10)
+        placed = {k: jax.device_put(v, s) for (k, v), s in
+                  zip(batch.items(), setup.batch_shardings(batch, micro_axis=True).values())}
+        with jax.set_mesh(mesh):
+            hlo = setup.train_step.lower(setup.state, setup.frozen, placed).compile().as_text()
+        gathers = len(re.findall(r"all-gather(?:-start)?\(", hlo))
+        frozen_kernel = setup.frozen["llm"]["layers"][0]["mlp"]["gate_up_proj"]["kernel"]
+        trained_kernel = setup.state["params"]["llm"]["layers"][2]["mlp"]["gate_up_proj"]["kernel"]
+        assert trained_kernel.addressable_shards[0].data.shape[0] == trained_kernel.shape[0] // 8
+        assert (frozen_kernel.addressable_shards[0].data.shape == frozen_kernel.shape) is not shard_frozen
+        losses = _run(setup, [[random_batch(0)]] * 2)
+        results[shard_frozen] = (gathers, losses, _flat(setup.state["params"]))
+    (g_sharded, l_sharded, p_sharded), (g_whole, l_whole, p_whole) = results[True], results[False]
+    assert g_whole < g_sharded
+    np.testing.assert_allclose(l_whole, l_sharded, rtol=1e-6)
+    for k in p_sharded:
+        np.testing.assert_allclose(p_whole[k], p_sharded[k], rtol=1e-6, atol=1e-6, err_msg=str(k))
+
+
 @pytest.mark.parametrize("stage,trainable_prefixes", [
     ("align", {("projector",), ("resampler",)}),
     ("sft", {("projector",), ("resampler",), ("llm", "layers", 2)}),
