@@ -22,7 +22,14 @@ import sys
 import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HBM_GBPS = 2970  # H100 80GB HBM3 copy bandwidth measured on the device machine (shared/JAX_STACK_NOTES.md)
+# Device-to-device copy bandwidth measured on the lent machines (bytes read + written), the denominator of the
+# decode bandwidth share: H100 80GB HBM3 about 2.97 TB/s (shared/JAX_STACK_NOTES.md), H200 about 4.3 TB/s.
+HBM_GBPS = {"H100": 2970, "H200": 4300}
+
+
+def hbm_gbps(device: str | None) -> int:
+    """The card's copy bandwidth by its device name (rows without one were measured on H100s)."""
+    return next((v for k, v in HBM_GBPS.items() if k in (device or "")), HBM_GBPS["H100"])
 HIGHER_IS_BETTER = {"train-sft": "tokens_per_s", "train-align": "tokens_per_s", "train-full": "tokens_per_s",
                     "vision": "images_per_s"}
 
@@ -121,8 +128,8 @@ def print_table(results: list[dict]) -> None:
             pv, jv = p and p[metric], r[metric]
             ratio = jv / pv if p else None
         if r["bench"] == "generate" and "achieved_gbps" in r:
-            note = (f"jax {r['achieved_gbps']} GB/s = {100 * r['achieved_gbps'] / HBM_GBPS:.0f}% of "
-                    f"{HBM_GBPS / 1000:.2f} TB/s")
+            hbm = hbm_gbps(r.get("device"))
+            note = f"jax {r['achieved_gbps']} GB/s = {100 * r['achieved_gbps'] / hbm:.0f}% of {hbm / 1000:.2f} TB/s"
         elif "peak_gib" in r:
             note = f"peak GiB: jax {r['peak_gib']} vs torch {p.get('peak_gib', '-') if p else '-'}"
         else:

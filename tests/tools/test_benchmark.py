@@ -43,6 +43,8 @@ def test_compare_tabulates_ratios(tmp_path):
             {"peer": "jax", "bench": "train-sft", "batch": 8, "vision": "large256", "tokens_per_s": 70000},
             {"peer": "torch", "bench": "generate", "batch": 1, "ms_per_step": 80.0},
             {"peer": "jax", "bench": "generate", "batch": 1, "ms_per_step": 2.0, "achieved_gbps": 1485},
+            {"peer": "jax", "bench": "generate", "batch": 8, "ms_per_step": 2.0, "achieved_gbps": 2150,
+             "device": "NVIDIA H200"},
             {"peer": "torch", "bench": "train-full", "batch": 4, "tokens_per_s": 30000},
             {"peer": "jax", "bench": "train-full", "batch": 4, "vision": "large256", "tokens_per_s": 45000}]
     path = tmp_path / "r.jsonl"
@@ -50,6 +52,7 @@ def test_compare_tabulates_ratios(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_compare.py"), "--tabulate", str(path)],
                          capture_output=True, text=True, timeout=60).stdout
     assert "1.75x" in out and "40.00x" in out and "50% of 2.97 TB/s" in out
+    assert "50% of 4.30 TB/s" in out  # each card's own bandwidth
     assert "1.50x" in out  # train-full has no vision tower: the peer's row matches whatever ours names
 
 
