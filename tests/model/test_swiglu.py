@@ -61,8 +61,9 @@ def test_kernel_declines_shapes_it_cannot_tile_and_the_grad_falls_back(shape):
         sw.swiglu_grad_pallas(jnp.zeros(shape), jnp.zeros(shape[:-2] + shape[-1:]), interpret=True)
 
 
-def test_fsdp_runs_the_kernel_per_device_without_gathering_rows():
-    mesh = sharding.make_mesh(1, 8, 1, devices=jax.devices("cpu"))  # the 8 fake CPU devices, also on a GPU host
+@pytest.mark.parametrize("data,fsdp", [(1, 8), (2, 4)])
+def test_fsdp_runs_the_kernel_per_device_without_gathering_rows(data, fsdp):
+    mesh = sharding.make_mesh(data, fsdp, 1, devices=jax.devices("cpu"))  # the 8 fake CPU devices, also on a GPU host
     gate_up, d_out = _inputs((8, 16, 2, 128), jnp.bfloat16, seed=4)
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     gate_up, d_out = jax.device_put(gate_up, rows), jax.device_put(d_out, rows)
@@ -75,6 +76,22 @@ def test_fsdp_runs_the_kernel_per_device_without_gathering_rows():
     np.testing.assert_allclose(np.asarray(got, np.float32),
                                np.asarray(sw.swiglu_grad_reference(gate_up, d_out), np.float32),
                                rtol=2 ** -7, atol=1e-6)
+
+
+def test_tensor_parallel_mesh_takes_the_reference_path(monkeypatch):
+    """With the intermediate dim sharded over `tensor` the kernel would see half-width rows: use jnp instead."""
+    calls = []
+    kernel = sw.swiglu_grad_pallas
+    monkeypatch.setattr(sw, "swiglu_grad_pallas", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    gate_up, d_out = _inputs((8, 16, 2, 128), jnp.float32, seed=6)
+    want = sw.swiglu_grad_reference(gate_up, d_out)
+    for (data, fsdp, tensor), kernel_used in (((1, 4, 2), False), ((1, 8, 1), True)):
+        calls.clear()
+        mesh = sharding.make_mesh(data, fsdp, tensor, devices=jax.devices("cpu"))
+        with jax.set_mesh(mesh):
+            got = jax.jit(lambda a, b: sw.swiglu_grad(a, b, use_kernel=True, interpret=True))(gate_up, d_out)
+        assert bool(calls) is kernel_used, (data, fsdp, tensor)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs an NVIDIA GPU")
