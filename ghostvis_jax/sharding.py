@@ -88,19 +88,25 @@ def gather_for_compute(x: jax.Array, logical_axes: tuple | None) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
         return x
-    spec = spec_for(x.shape, logical_axes, mesh)
-    return jax.lax.with_sharding_constraint(x, P(*(None if a == "fsdp" else a for a in spec)))
+    return jax.lax.with_sharding_constraint(x, _without_fsdp_spec(spec_for(x.shape, logical_axes, mesh)))
+
+
+def _without_fsdp_spec(spec: P) -> P:
+    return P(*(None if a == "fsdp" else a for a in spec))
+
+
+def batch_axes(rows: int, mesh) -> tuple[str, ...]:
+    """The mesh axes (of data, fsdp; size > 1) that `rows` activation rows are sharded over; () when they don't
+    divide the rows or the mesh has none."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    return axes if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
     """Activations [B, ...]: batch over (data, fsdp), the rest replicated; under a mesh context only."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    axes = () if mesh.empty else batch_axes(x.shape[0], mesh)
+    return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> dict:
@@ -113,8 +119,7 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> dict:
 
 def without_fsdp(shardings):
     """The same layouts with the `fsdp` axis dropped (replicated over it; tensor sharding stays)."""
-    return jax.tree_util.tree_map(
-        lambda s: NamedSharding(s.mesh, P(*(None if a == "fsdp" else a for a in s.spec))), shardings)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(s.mesh, _without_fsdp_spec(s.spec)), shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, *, leading_unsharded: int = 0) -> NamedSharding:

@@ -25,13 +25,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Device-to-device copy bandwidth measured on the lent machines (bytes read + written), the denominator of the
 # decode bandwidth share: H100 80GB HBM3 about 2.97 TB/s (shared/JAX_STACK_NOTES.md), H200 about 4.3 TB/s.
 HBM_GBPS = {"H100": 2970, "H200": 4300}
+HIGHER_IS_BETTER = {"train-sft": "tokens_per_s", "train-align": "tokens_per_s", "train-full": "tokens_per_s",
+                    "vision": "images_per_s"}
 
 
 def hbm_gbps(device: str | None) -> int:
     """The card's copy bandwidth by its device name (rows without one were measured on H100s)."""
     return next((v for k, v in HBM_GBPS.items() if k in (device or "")), HBM_GBPS["H100"])
-HIGHER_IS_BETTER = {"train-sft": "tokens_per_s", "train-align": "tokens_per_s", "train-full": "tokens_per_s",
-                    "vision": "images_per_s"}
 
 
 def run(cmd: list[str], timeout: float, gpu: str | None = None) -> list[dict]:

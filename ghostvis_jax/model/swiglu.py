@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ghostvis_jax.sharding import batch_axes
+
 BLOCK_ROWS = 16
 BLOCK_COLS = (256, 128)  # the first that divides the intermediate size
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --swiglu-grad xla turns it off (the A/B measurement)
@@ -96,14 +98,6 @@ def swiglu_grad_pallas(gate_up: jax.Array, d_out: jax.Array, *, interpret: bool 
     return grad.reshape(gate_up.shape)
 
 
-def _row_axes(rows: int, mesh) -> tuple[str, ...]:
-    """The mesh axes the activations' rows are sharded over under FSDP (as sharding.constrain_batch lays them)."""
-    from ghostvis_jax.sharding import BATCH_AXES
-
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    return axes if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0 else ()
-
-
 def swiglu_grad(gate_up: jax.Array, d_out: jax.Array, *, use_kernel: bool | None = None,
                 interpret: bool = False) -> jax.Array:
     """The backward of `swiglu`: the Pallas kernel on a GPU where the shape allows, else the jnp reference.
@@ -114,7 +108,7 @@ def swiglu_grad(gate_up: jax.Array, d_out: jax.Array, *, use_kernel: bool | None
     if use_kernel is None:
         use_kernel = USE_KERNEL_ON_GPU and jax.default_backend() == "gpu"
     mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else _row_axes(gate_up.shape[0], mesh)
+    axes = () if mesh.empty else batch_axes(gate_up.shape[0], mesh)  # the rows as constrain_batch lays them
     local_shape = (gate_up.shape[0] // math.prod(mesh.shape[a] for a in axes),) + gate_up.shape[1:]
     tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
     if not use_kernel or tensor_parallel or kernel_block_cols(local_shape) is None:
