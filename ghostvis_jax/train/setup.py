@@ -108,6 +108,9 @@ def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: in
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     full_shardings = sharding.param_shardings(abstract_params, mesh)
     labels_full = optim.labels_for(nnx.to_pure_dict(abstract_params), **layer_kw)
+    if not cfg.mesh.get("shard_frozen", True):  # frozen weights are loaded / created whole on every device
+        full_shardings = jax.tree_util.tree_map(
+            lambda s, label: sharding.without_fsdp(s) if label == optim.FROZEN else s, full_shardings, labels_full)
 
     if cfg.init == "checkpoint":
         params = checkpoint.load_params(cfg.init_checkpoint, model_config, param_dtype=jnp.float32,
@@ -120,8 +123,6 @@ def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: in
     if not trainable:
         raise ValueError(f"stage {cfg.stage!r} leaves no parameter to train")
     trainable_sh, frozen_sh = split_by_labels(full_shardings, labels_full)
-    if not cfg.mesh.get("shard_frozen", True):
-        frozen_sh = sharding.without_fsdp(frozen_sh)
     frozen_dtype = DTYPES[cfg.frozen_param_dtype]
     frozen = jax.jit(lambda f: jax.tree_util.tree_map(lambda x: x.astype(frozen_dtype), f),
                      out_shardings=frozen_sh, donate_argnums=0)(frozen)
