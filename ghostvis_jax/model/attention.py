@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("cudnn", "xla", "naive", "pallas")
-PALLAS_DECODE_MIN_PROGRAMS = 64  # batch x kv heads of a decode step before the Pallas kernel is picked
+PALLAS_DECODE_MIN_PROGRAMS = 16  # batch x kv heads of a decode step before the Pallas kernel is picked
 
 
 @jax.tree_util.register_dataclass
@@ -37,8 +37,9 @@ def pick_implementation(q: jax.Array, k: jax.Array, mask) -> str:
     if isinstance(mask, KeyRange):
         from ghostvis_jax.model import decode_attention  # Pallas is imported only where a decode step may use it
 
-        # One kernel program per (row, kv head): below ~64 programs the H100 sits mostly idle and XLA's few
-        # small kernels win (measured: Pallas 3.6% faster at batch 64, 2-4% slower at batch 1 and 8).
+        # One kernel program per (row, kv head). With RoPE and the cache write inside (decode_step_attention) it
+        # beats XLA's attention from 16 programs on an H100: 2-3% at batch 8, 6% at batch 64; at batch 1 (2
+        # programs) the two were within noise (docs/LOG.md).
         decode_ok = (q.shape[1] == 1 and q.shape[0] * k.shape[2] >= PALLAS_DECODE_MIN_PROGRAMS
                      and jax.sharding.get_abstract_mesh().empty and k.dtype == q.dtype
                      and decode_attention.supported((q.shape[0],) + q.shape[2:], k.shape, q.dtype))

@@ -59,37 +59,75 @@ def supported(q_shape, cache_shape, dtype) -> bool:
             and _default_block_k(seq_len, head_dim, dtype) is not None and math.prod(cache_shape) < 2**31)
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, out_ref, *, scale, block_k, group_size):
-    """q_ref/out_ref [G_pad, H] (rows >= group_size belong to no head of this group), k_ref/v_ref [S, H]."""
-    group_pad, head_dim = q_ref.shape
-    start, end = start_ref[()], end_ref[()]
-    row_is_head = (jnp.arange(group_pad) < group_size)[:, None]
-    q = plgpu.load(q_ref, mask=row_is_head, other=0)
+def _attend_cache(q_parts, k_ref, v_ref, lo, hi, init, *, scale, block_k):
+    """Online softmax of the queries over cache positions lo <= s < hi, continuing from `init` = (acc, max, sum).
 
+    q_parts: ((q [G_pad, h], first column), ...) — the query split along the head dim (the RoPE kernel keeps its
+    two halves apart); each part is dotted with the same columns of the key tiles."""
     # Pallas Triton lowers a float32 dot at default precision to TF32; ask for full float32 (IEEE) instead.
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if q_parts[0][0].dtype == jnp.float32 else None
     dot = functools.partial(lax.dot_general, precision=precision, preferred_element_type=jnp.float32)
 
     def body(block, carry):
         acc, running_max, running_sum = carry
         first = pl.multiple_of(block * block_k, block_k)
-        k = k_ref[pl.ds(first, block_k), :]
-        v = v_ref[pl.ds(first, block_k), :]
-        scores = dot(q, k, (((1,), (1,)), ((), ()))) * scale
+        scores = sum(dot(q, k_ref[pl.ds(first, block_k), pl.ds(col, q.shape[1])], (((1,), (1,)), ((), ())))
+                     for q, col in q_parts) * scale
         positions = first + jnp.arange(block_k)
         # Every visited block holds at least one valid position, so each row's max is finite and -inf is safe.
-        scores = jnp.where(((positions >= start) & (positions < end))[None, :], scores, -jnp.inf)
+        scores = jnp.where(((positions >= lo) & (positions < hi))[None, :], scores, -jnp.inf)
         new_max = jnp.maximum(running_max, scores.max(axis=1))
         rescale = jnp.exp(running_max - new_max)
         probs = jnp.exp(scores - new_max[:, None])
+        v = v_ref[pl.ds(first, block_k), :]
         acc = acc * rescale[:, None] + dot(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())))
         return acc, new_max, running_sum * rescale + probs.sum(axis=1)
 
+    # Only the blocks that intersect [lo, hi): a short row in a long cache reads just what it needs.
+    return lax.fori_loop(lo // block_k, pl.cdiv(hi, block_k), body, init)
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, out_ref, *, scale, block_k, group_size):
+    """q_ref/out_ref [G_pad, H] (rows >= group_size belong to no head of this group), k_ref/v_ref [S, H]."""
+    group_pad, head_dim = q_ref.shape
+    row_is_head = (jnp.arange(group_pad) < group_size)[:, None]
+    q = plgpu.load(q_ref, mask=row_is_head, other=0)
     init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), -jnp.inf, jnp.float32),
             jnp.zeros((group_pad,), jnp.float32))
-    # Only the blocks that intersect [start, end): a short row in a long cache reads just what it needs.
-    acc, _, total = lax.fori_loop(start // block_k, pl.cdiv(end, block_k), body, init)
+    acc, _, total = _attend_cache(((q, 0),), k_ref, v_ref, start_ref[()], end_ref[()], init, scale=scale,
+                                  block_k=block_k)
     plgpu.store(out_ref, (acc / total[:, None]).astype(out_ref.dtype), mask=row_is_head)
+
+
+def step_supported(qkv_shape, cache_shape, dtype) -> bool:
+    """Whether `decode_step_attention` handles this case: as `supported`, at least one query head per kv head, and
+    a head dim of at least 32 (RoPE keeps the two halves of each head apart, and a Triton dot needs 16)."""
+    if len(qkv_shape) != 4:
+        return False
+    batch, num_kv, parts, head_dim = qkv_shape
+    return parts >= 3 and head_dim >= 2 * _MIN_BLOCK and supported((batch, num_kv * (parts - 2), head_dim),
+                                                                   cache_shape, dtype)
+
+
+def _block_k_and_interpret(ok: bool, what: str, k_cache, v_cache, dtype, block_k, interpret):
+    """Refuse an unsupported call (`ok` False) naming `what`; the cache block size and whether to run in interpret
+    mode (off a GPU)."""
+    seq_len, head_dim = k_cache.shape[1], k_cache.shape[3]
+    if not ok or k_cache.shape != v_cache.shape or not dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"{what} {jnp.dtype(dtype).name}, k {k_cache.shape} {k_cache.dtype}, "
+                         f"v {v_cache.shape} {v_cache.dtype}: not supported")
+    block_k = block_k or _default_block_k(seq_len, head_dim, dtype)
+    if not (_is_power_of_2(block_k) and block_k >= _MIN_BLOCK and seq_len % block_k == 0):
+        raise ValueError(f"block_k={block_k} must be a power of 2 >= {_MIN_BLOCK} dividing cache length {seq_len}")
+    return block_k, jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def _specs(seq_len: int, rows: int, head_dim: int):
+    """BlockSpecs over the grid (batch row b, kv head j): a [rows, H] head-group tile, the [S, H] cache of one
+    kv head, one int32 per row."""
+    return (pl.BlockSpec((None, None, rows, head_dim), lambda b, j: (b, j, 0, 0)),
+            pl.BlockSpec((None, seq_len, None, head_dim), lambda b, j: (b, 0, j, 0)),
+            pl.BlockSpec((None,), lambda b, j: (b,)))
 
 
 def decode_attention(q, k_cache, v_cache, start, end, *, scale=None, block_k=None, interpret=None) -> jax.Array:
@@ -99,23 +137,15 @@ def decode_attention(q, k_cache, v_cache, start, end, *, scale=None, block_k=Non
     Softmax in float32. interpret=None means: interpret mode when jax.default_backend() != 'gpu'."""
     batch, num_heads, head_dim = q.shape
     _, seq_len, num_kv, _ = k_cache.shape
-    if not supported(q.shape, k_cache.shape, q.dtype) or k_cache.shape != v_cache.shape \
-            or not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"decode_attention does not support q {q.shape} {q.dtype}, "
-                         f"k {k_cache.shape} {k_cache.dtype}, v {v_cache.shape} {v_cache.dtype}")
-    block_k = block_k or _default_block_k(seq_len, head_dim, q.dtype)
-    if not (_is_power_of_2(block_k) and block_k >= _MIN_BLOCK and seq_len % block_k == 0):
-        raise ValueError(f"block_k={block_k} must be a power of 2 >= {_MIN_BLOCK} dividing cache length {seq_len}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    block_k, interpret = _block_k_and_interpret(supported(q.shape, k_cache.shape, q.dtype),
+                                                f"decode_attention: q {q.shape}", k_cache, v_cache, q.dtype,
+                                                block_k, interpret)
     group_size = num_heads // num_kv
     # The group's block is padded to a power of 2 >= 16 for Triton; the padded rows are masked on load and store.
     group_pad = max(_MIN_BLOCK, pl.next_power_of_2(group_size))
     kernel = functools.partial(_decode_kernel, scale=head_dim ** -0.5 if scale is None else scale,
                                block_k=block_k, group_size=group_size)
-    head_group_spec = pl.BlockSpec((None, None, group_pad, head_dim), lambda b, j: (b, j, 0, 0))
-    cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, j: (b, 0, j, 0))
-    row_scalar_spec = pl.BlockSpec((None,), lambda b, j: (b,))
+    head_group_spec, cache_spec, row_scalar_spec = _specs(seq_len, group_pad, head_dim)
     out = pl.pallas_call(
         kernel,
         grid=(batch, num_kv),
@@ -128,3 +158,85 @@ def decode_attention(q, k_cache, v_cache, start, end, *, scale=None, block_k=Non
     )(q.reshape(batch, num_kv, group_size, head_dim), k_cache, v_cache,
       start.astype(jnp.int32), end.astype(jnp.int32))
     return out.reshape(batch, num_heads, head_dim)
+
+
+def _decode_step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, start_ref, index_ref, out_ref, k_out_ref,
+                        v_out_ref, *, scale, block_k, group_size):
+    """qkv_ref [P, H]: rows 0..G-1 this kv head's query heads, row G its new key, row G+1 its new value, before
+    RoPE (rows past G+1 are outside the array and never read); cos_ref/sin_ref [H]; k_ref/v_ref [S, H] the cache,
+    which k_out_ref/v_out_ref alias; out_ref [P, H] (rows < G written)."""
+    rows, head_dim = qkv_ref.shape
+    half = head_dim // 2
+    first, second = pl.ds(0, half), pl.ds(half, half)
+    start, index = start_ref[()], index_ref[()]
+    dtype = qkv_ref.dtype
+    cos1, cos2, sin1, sin2 = cos_ref[first], cos_ref[second], sin_ref[first], sin_ref[second]
+
+    def rope(x1, x2):  # HF's rotate_half on the two halves, in float32, rounded as apply_rope rounds
+        x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+        return (x1 * cos1 - x2 * sin1).astype(dtype), (x2 * cos2 + x1 * sin2).astype(dtype)
+
+    row_is_head = (jnp.arange(rows) < group_size)[:, None]
+    q1, q2 = rope(plgpu.load(qkv_ref.at[:, first], mask=row_is_head, other=0),
+                  plgpu.load(qkv_ref.at[:, second], mask=row_is_head, other=0))
+    key_row = pl.ds(group_size, 1)
+    k1, k2 = rope(qkv_ref[key_row, first], qkv_ref[key_row, second])   # [1, H/2] each
+    v_new = qkv_ref[pl.ds(group_size + 1, 1), :]                        # [1, H]
+    new_slot = pl.ds(index, 1)
+    k_out_ref[new_slot, first] = k1
+    k_out_ref[new_slot, second] = k2
+    v_out_ref[new_slot, :] = v_new
+
+    # The new token seeds the online softmax; the cache supplies the row's earlier positions start..index-1.
+    def f32(x):
+        return x.astype(jnp.float32)
+
+    new_score = (jnp.sum(f32(q1) * f32(k1), axis=1) + jnp.sum(f32(q2) * f32(k2), axis=1)) * scale
+    init = (jnp.broadcast_to(f32(v_new), (rows, head_dim)), new_score, jnp.ones((rows,), jnp.float32))
+    acc, _, total = _attend_cache(((q1, 0), (q2, half)), k_ref, v_ref, start, index, init, scale=scale,
+                                  block_k=block_k)
+    plgpu.store(out_ref, (acc / total[:, None]).astype(out_ref.dtype), mask=row_is_head)
+
+
+def decode_step_attention(qkv, cos, sin, k_cache, v_cache, start, index, *, scale=None, block_k=None,
+                          interpret=None):
+    """One decode step's attention with RoPE and the KV-cache write in the same kernel.
+
+    qkv [B, K, G + 2, H]: per kv head its G query heads, then the new key and value, before RoPE (the layout of
+    Qwen2Attention's fused projection, bias added); cos/sin [B, H] float32: the new token's rotary tables (HF
+    layout); k_cache/v_cache [B, S, K, H] in qkv's dtype; start int32 [B]; index: int scalar, the cache position
+    of the new token (clamped into the cache, as dynamic_update_slice would). Row b attends to cache positions
+    start[b] <= s < index and to the new token.
+
+    Returns (out [B, K·G, H], k_cache, v_cache): the caches with the rotated key and the value written at
+    `index` (in place when the caller donates them); every other position is left as it was."""
+    batch, num_kv, parts, head_dim = qkv.shape
+    group_size = parts - 2
+    seq_len = k_cache.shape[1]
+    if cos.shape != sin.shape or cos.shape != (batch, head_dim):
+        raise ValueError(f"decode_step_attention: cos/sin must be {(batch, head_dim)} for qkv {qkv.shape}, got "
+                         f"{cos.shape} / {sin.shape}")
+    block_k, interpret = _block_k_and_interpret(step_supported(qkv.shape, k_cache.shape, qkv.dtype),
+                                                f"decode_step_attention: qkv {qkv.shape}", k_cache, v_cache,
+                                                qkv.dtype, block_k, interpret)
+    rows = max(_MIN_BLOCK, pl.next_power_of_2(parts))
+    kernel = functools.partial(_decode_step_kernel, scale=head_dim ** -0.5 if scale is None else scale,
+                               block_k=block_k, group_size=group_size)
+    head_group_spec, cache_spec, row_scalar_spec = _specs(seq_len, rows, head_dim)
+    row_vector_spec = pl.BlockSpec((None, head_dim), lambda b, j: (b, 0))
+    index = jnp.broadcast_to(jnp.clip(jnp.asarray(index, jnp.int32), 0, seq_len - 1), (batch,))
+    out, k_cache, v_cache = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv),
+        in_specs=[head_group_spec, row_vector_spec, row_vector_spec, cache_spec, cache_spec, row_scalar_spec,
+                  row_scalar_spec],
+        out_specs=[head_group_spec, cache_spec, cache_spec],
+        out_shape=[jax.ShapeDtypeStruct((batch, num_kv, group_size, head_dim), qkv.dtype),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+        input_output_aliases={3: 1, 4: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="decode_step_attention",
+    )(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache, v_cache, start.astype(jnp.int32), index)
+    return out.reshape(batch, num_kv * group_size, head_dim), k_cache, v_cache

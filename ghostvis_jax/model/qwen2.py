@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ghostvis_jax.config import QwenConfig
-from ghostvis_jax.model.attention import attention
+from ghostvis_jax.model.attention import KeyRange, attention, pick_implementation
 from ghostvis_jax.model.layers import Dense, Embed, RMSNorm, use
 from ghostvis_jax.model.swiglu import swiglu
 from ghostvis_jax.sharding import constrain_batch
@@ -56,6 +56,14 @@ class Qwen2Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)                                         # [B, T, K, G + 2, H]
+        if cache is not None and self._fused_decode_step(qkv, cache["k"], mask):
+            # One kernel: RoPE on q and the new k, both cache writes, attention (the step's key range must be
+            # the row's earlier keys and the new token at cache_index, as generate/decoding.py builds it).
+            from ghostvis_jax.model.decode_attention import decode_step_attention  # Pallas: only where used
+
+            out, k, v = decode_step_attention(qkv[:, 0], cos[:, 0], sin[:, 0], cache["k"], cache["v"], mask.start,
+                                              cache_index)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), {"k": k, "v": v}
         qk = apply_rope(qkv[..., :self.group + 1, :], cos, sin)
         q = qk[..., :self.group, :].reshape(b, t, self.num_heads, self.head_dim)
         k, v = qk[..., self.group, :], qkv[..., self.group + 1, :]     # [B, T, K, H]
@@ -68,6 +76,17 @@ class Qwen2Attention(nnx.Module):
         else:
             out = attention(q, k, v, causal=True, mask=mask, implementation=self.attn_impl)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+    def _fused_decode_step(self, qkv, k_cache, mask) -> bool:
+        """A decode step that attention() would give the Pallas kernel, in a shape the fused kernel takes."""
+        if not isinstance(mask, KeyRange) or qkv.shape[1] != 1:
+            return False
+        q = jax.ShapeDtypeStruct((qkv.shape[0], 1, self.num_heads, self.head_dim), qkv.dtype)
+        if (self.attn_impl or pick_implementation(q, k_cache, mask)) != "pallas":
+            return False
+        from ghostvis_jax.model.decode_attention import step_supported
+
+        return step_supported(qkv.shape[:1] + qkv.shape[2:], k_cache.shape, qkv.dtype)
 
 
 class Qwen2MLP(nnx.Module):

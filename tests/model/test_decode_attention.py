@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ghostvis_jax.model.attention import naive_attention
-from ghostvis_jax.model.decode_attention import decode_attention, supported
+from ghostvis_jax.model.decode_attention import decode_attention, decode_step_attention, step_supported, supported
+from ghostvis_jax.model.qwen2 import apply_rope, rope_cos_sin
 
 # Per row: full cache, left padding with an end off the block grid, a single valid position, block-aligned range.
 STARTS = np.array([0, 5, 20, 16], np.int32)
@@ -66,3 +67,62 @@ def test_supported():
     with pytest.raises(ValueError):
         q, k, v = _inputs(jnp.float32, 4, 2, head_dim=24)
         decode_attention(q, k, v, jnp.asarray(STARTS), jnp.asarray(ENDS))
+
+
+def _step_inputs(dtype, num_kv, group, seq_len=64, head_dim=32, seed=1):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    batch = len(STARTS)
+    qkv = jax.random.normal(keys[0], (batch, num_kv, group + 2, head_dim)).astype(dtype)
+    positions = jax.random.randint(keys[1], (batch, 1), 0, 500)
+    cos, sin = rope_cos_sin(positions, head_dim, 10000.0)
+    k = jax.random.normal(keys[2], (batch, seq_len, num_kv, head_dim)).astype(dtype)
+    v = jax.random.normal(keys[3], (batch, seq_len, num_kv, head_dim)).astype(dtype)
+    return qkv, cos, sin, k, v
+
+
+def _step_reference(qkv, cos, sin, k_cache, v_cache, start, index):
+    """What Qwen2Attention does without the fused kernel: RoPE on [q|k], two cache writes, attention."""
+    batch, num_kv, parts, head_dim = qkv.shape
+    group = parts - 2
+    qk = apply_rope(qkv[:, None, :, :group + 1], cos[:, None], sin[:, None])[:, 0]
+    q = qk[:, :, :group].reshape(batch, num_kv * group, head_dim)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, qk[:, None, :, group], index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, qkv[:, None, :, group + 1], index, axis=1)
+    clamped = min(index, k_cache.shape[1] - 1)
+    return _reference(q, k_cache, v_cache, start, jnp.full_like(start, clamped + 1)), k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_kv,group", [(2, 6), (4, 1), (1, 2)], ids=["group6", "mha", "group2"])
+@pytest.mark.parametrize("index", [20, 48, 63, 70], ids=["mid_block", "block_start", "last", "past_end"])
+def test_decode_step_matches_rope_cache_write_and_attention(dtype, num_kv, group, index):
+    qkv, cos, sin, k, v = _step_inputs(dtype, num_kv, group)
+    start = jnp.asarray(np.minimum(STARTS, 20))  # every row has keys before index (20 is the first one tested)
+    want, want_k, want_v = _step_reference(qkv, cos[:, 0], sin[:, 0], k, v, start, index)
+    got, got_k, got_v = jax.jit(decode_step_attention, static_argnames="block_k")(
+        qkv, cos[:, 0], sin[:, 0], k, v, start, index, block_k=16)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+    # The cache: the new key and value land at `index` (rounded as the unfused path rounds); nothing else moves.
+    np.testing.assert_allclose(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32),
+                               atol=TOLERANCE[dtype] / 4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    untouched = np.arange(k.shape[1]) != min(index, k.shape[1] - 1)
+    np.testing.assert_array_equal(np.asarray(got_k)[:, untouched], np.asarray(k)[:, untouched])
+
+
+def test_decode_step_with_only_the_new_token_returns_its_value():
+    qkv, cos, sin, k, v = _step_inputs(jnp.float32, 2, 2)
+    out, _, _ = decode_step_attention(qkv, cos[:, 0], sin[:, 0], k, v, jnp.full((len(STARTS),), 30), 30)
+    np.testing.assert_allclose(out, jnp.repeat(qkv[:, :, 3], 2, axis=1), atol=1e-6)
+
+
+def test_decode_step_rejects_bad_shapes():
+    qkv, cos, sin, k, v = _step_inputs(jnp.float32, 2, 2)
+    with pytest.raises(ValueError, match="cos/sin"):
+        decode_step_attention(qkv, cos, sin, k, v, jnp.zeros((len(STARTS),), jnp.int32), 3)
+    with pytest.raises(ValueError, match=r"decode_step_attention: qkv \(4, 2, 4, 32\) float32, k .* bfloat16"):
+        decode_step_attention(qkv, cos[:, 0], sin[:, 0], k.astype(jnp.bfloat16), v, jnp.zeros(4, jnp.int32), 3)
+    assert step_supported((1, 2, 8, 128), (1, 1024, 2, 128), jnp.bfloat16)
+    assert not step_supported((1, 2, 8, 16), (1, 64, 2, 16), jnp.bfloat16)  # half a head is below Triton's 16
+    assert not step_supported((1, 2, 2, 32), (1, 64, 2, 32), jnp.bfloat16)  # no query head
