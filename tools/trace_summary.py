@@ -97,7 +97,7 @@ def summarize(events: list[dict], top: int, steps: int) -> str:
         for name, dur in kernels.most_common(top):
             lines.append(f"   {dur / per / 1e3:8.3f}  {100 * dur / total:5.1f}%  [{kernel_class(name)}] {name[:110]}")
         lines.append(f"  most launched (launches/step, ms/step):")
-        for name, n in launches.most_common(min(top, 8)):
+        for name, n in launches.most_common(top):
             lines.append(f"   {n / per:8.0f}  {kernels[name] / per / 1e3:8.3f}  [{kernel_class(name)}] {name[:110]}")
         if ops:
             op_total = sum(ops.values())
