@@ -5,7 +5,7 @@ then one jitted `lax.while_loop` samples a token, feeds it back, and stops when 
 token or `max_new_tokens` is reached. Streaming runs the same step as a jitted function from Python instead,
 one host round-trip per token.
 
-Shapes are bucketed (batch and image count → powers of two; prompt and cache length → half-octave steps
+Shapes are bucketed (batch → powers of two from MIN_DECODE_ROWS, image count → powers of two; prompt and cache length → half-octave steps
 2^k or 3·2^(k-1), so a 192-token prompt is not padded to 256: the decode step reads the whole cache), and
 max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated calls reuse the compiled
 functions (greedy and sampling decoding are two programs).
@@ -36,6 +36,11 @@ from ghostvis_jax.model.qwen2 import init_kv_cache
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
+# Fewer rows than this are padded up to it. With one row a projection is a matrix-vector product, and XLA's GPU
+# backend rewrites the small ones (below ~10M multiply-adds: Qwen2.5-1.5B's q|k|v and o_proj) into a multiply and
+# a reduce, o_proj through a materialized [1536, 1536] product: a batch-1 step took 1.91 ms against 1.75-1.78 ms
+# for 8 rows on an H100 (docs/LOG.md). The cost: a KV cache for 8 rows (0.9 GB at 4k positions for the 1.5B).
+MIN_DECODE_ROWS = 8
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -196,7 +201,7 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"{max_positions} positions")
     n = len(prompts)
-    batch = bucket(n)
+    batch = bucket(n, MIN_DECODE_ROWS)
     prompt_len = length_bucket(longest, MIN_PROMPT_BUCKET)
     cache_len = length_bucket(prompt_len + max_new_tokens, MIN_CACHE_BUCKET)
     pad_id = 0 if config.image_token_id != 0 else 1

@@ -168,3 +168,38 @@ def test_unrolled_loop_gives_the_same_tokens(model, unroll):
     b = decode(other, model.config, prompts, None, max_new_tokens=7, sampling=Sampling(), stop_ids=[stop])
     assert [(d.tokens, d.finish_reason) for d in a] == [(d.tokens, d.finish_reason) for d in b]
     assert a[0].finish_reason == "stop"
+
+
+def test_fused_pallas_decode_step_gives_the_same_tokens(monkeypatch):
+    """The Pallas decode step (RoPE, cache write and attention in one kernel; interpret mode off the GPU) decodes
+    what the XLA path decodes, with left padding and a stop token."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from ghostvis_jax.generate.decoding import Decoder, Sampling, decode
+    from ghostvis_jax.model import qwen2
+    from ghostvis_jax.model.attention import KeyRange
+    from ghostvis_jax.model.vlm import GhostVisModel
+    from ghostvis_jax.testing.tiny_training import tiny_model_config
+
+    config = tiny_model_config(num_layers=2)
+    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, head_dim=32))  # the kernel's minimum
+    graph, state = nnx.split(GhostVisModel(config, rngs=nnx.Rngs(params=jax.random.key(3))))
+    prompts = [[15, 16, 17, 18, 19, 20, 21, 22, 23], [10, 11], [40, 41, 42]]
+
+    def run(decoder, stop_ids=()):
+        return decode(decoder, config, prompts, None, max_new_tokens=9, sampling=Sampling(), stop_ids=list(stop_ids))
+
+    want = run(Decoder(graph, state))
+    # As on a GPU with enough rows: decode steps pick Pallas (prefill keeps its own choice).
+    default_choice = qwen2.pick_implementation
+    monkeypatch.setattr(qwen2, "pick_implementation",
+                        lambda q, k, mask: "pallas" if isinstance(mask, KeyRange) else default_choice(q, k, mask))
+    fused = Decoder(graph, state, unroll=2)  # its own compiled functions, traced with the patch
+    assert [d.tokens for d in run(fused)] == [d.tokens for d in want]
+    row, at = next((r, i) for r, d in enumerate(want) for i, t in enumerate(d.tokens) if i and t not in d.tokens[:i])
+    got = run(fused, [want[row].tokens[at]])
+    assert got[row].finish_reason == "stop" and got[row].tokens == want[row].tokens[:at]
+
