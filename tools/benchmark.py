@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument("--losses", action="store_true", help="record the loss of every step (a numerics check)")
     ap.add_argument("--unroll", type=int, default=1, help="decode steps per loop iteration (>= 1)")
     ap.add_argument("--decode-attn", default="auto", choices=["auto", "xla", "pallas"],
-                    help="decode-step attention: auto (Pallas from 64 rows x kv heads), xla, or pallas")
+                    help="decode-step attention: auto (Pallas from 16 rows x kv heads), xla, or pallas")
     ap.add_argument("--decode-block-k", type=int, default=0,
                     help="cache positions per block of the Pallas decode kernel (power of 2; 0: its default)")
     ap.add_argument("--swiglu-grad", default="pallas", choices=["pallas", "xla"],
