@@ -37,9 +37,9 @@ from ghostvis_jax.model.qwen2 import init_kv_cache
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
 # Fewer rows than this are padded up to it. With one row a projection is a matrix-vector product, and XLA's GPU
-# backend rewrites the small ones (below ~10M multiply-adds: Qwen2.5-1.5B's q|k|v and o_proj) into a multiply and
-# a reduce, o_proj through a materialized [1536, 1536] product: a batch-1 step took 1.91 ms against 1.75-1.78 ms
-# for 8 rows on an H100 (docs/LOG.md). The cost: a KV cache for 8 rows (0.9 GB at 4k positions for the 1.5B).
+# backend rewrites the smaller ones (Qwen2.5-1.5B's q|k|v and o_proj, not gate|up or down_proj) into a multiply
+# and a reduce, o_proj through a materialized [1536, 1536] product: a batch-1 step took 1.95 ms, 1.75 ms once
+# padded to 8 rows, on an H100 (docs/LOG.md). The cost: a KV cache for 8 rows (0.9 GB at 4k positions, 1.5B).
 MIN_DECODE_ROWS = 8
 
 
