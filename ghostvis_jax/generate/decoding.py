@@ -5,10 +5,10 @@ then one jitted `lax.while_loop` samples a token, feeds it back, and stops when 
 token or `max_new_tokens` is reached. Streaming runs the same step as a jitted function from Python instead,
 one host round-trip per token.
 
-Shapes are bucketed (batch → powers of two from MIN_DECODE_ROWS, image count → powers of two; prompt and cache length → half-octave steps
-2^k or 3·2^(k-1), so a 192-token prompt is not padded to 256: the decode step reads the whole cache), and
-max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated calls reuse the compiled
-functions (greedy and sampling decoding are two programs).
+Shapes are bucketed (batch → powers of two from MIN_DECODE_ROWS, image count → powers of two; prompt and cache
+length → half-octave steps 2^k or 3·2^(k-1), so a 192-token prompt is not padded to 256: the decode step reads
+the whole cache), and max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated
+calls reuse the compiled functions (greedy and sampling decoding are two programs).
 
 The loop body runs `unroll` decode steps per iteration: a GPU `while` pays a device→host copy of its predicate
 and a fresh launch of the body per iteration, which at batch 1 costs as much as the step's own kernels.

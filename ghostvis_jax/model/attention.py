@@ -38,7 +38,7 @@ def pick_implementation(q: jax.Array, k: jax.Array, mask) -> str:
         from ghostvis_jax.model import decode_attention  # Pallas is imported only where a decode step may use it
 
         # One kernel program per (row, kv head). With RoPE and the cache write inside (decode_step_attention) it
-        # beats XLA's attention from 16 programs on an H100: 2-3% at batch 8, 6% at batch 64; at batch 1 (2
+        # beats XLA's attention from 16 programs on an H100: 2-3% at batch 8, 6-7% at batch 64; at batch 1 (2
         # programs) the two were within noise (docs/LOG.md).
         decode_ok = (q.shape[1] == 1 and q.shape[0] * k.shape[2] >= PALLAS_DECODE_MIN_PROGRAMS
                      and jax.sharding.get_abstract_mesh().empty and k.dtype == q.dtype
