@@ -36,10 +36,11 @@ from ghostvis_jax.model.qwen2 import init_kv_cache
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 32
-# Fewer rows than this are padded up to it. With one row a projection is a matrix-vector product, and XLA's GPU
-# backend rewrites the smaller ones (Qwen2.5-1.5B's q|k|v and o_proj, not gate|up or down_proj) into a multiply
-# and a reduce, o_proj through a materialized [1536, 1536] product: a batch-1 step took 1.95 ms, 1.75 ms once
-# padded to 8 rows, on an H100 (docs/LOG.md). The cost: a KV cache for 8 rows (0.9 GB at 4k positions, 1.5B).
+# The decode loop runs at least this many rows (the prefill only the prompts' bucket; the cache is widened after
+# it). With one row a projection is a matrix-vector product, and XLA's GPU backend rewrites the smaller ones
+# (Qwen2.5-1.5B's q|k|v and o_proj, not gate|up or down_proj) into a multiply and a reduce, o_proj through a
+# materialized [1536, 1536] product: a batch-1 step took 1.95 ms, 1.75 ms once padded to 8 rows, on an H100
+# (docs/LOG.md). The cost: a KV cache for 8 rows (0.9 GB at 4k positions for the 1.5B).
 MIN_DECODE_ROWS = 8
 
 
@@ -148,6 +149,12 @@ class _Jitted:
             static_argnames=("greedy",))
 
 
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _widen(arrays, rows: int):
+    """Zero rows appended to every array (axis 0) up to `rows`: the prefill's cache and logits → the loop's."""
+    return jax.tree.map(lambda a: jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), arrays)
+
+
 @functools.lru_cache(maxsize=8)
 def _jitted(graphdef, treedef, unroll: int) -> _Jitted:  # shared by every loaded model of the same structure
     return _Jitted(graphdef, treedef, unroll)
@@ -201,11 +208,12 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"{max_positions} positions")
     n = len(prompts)
-    batch = bucket(n, MIN_DECODE_ROWS)
+    prefill_rows = bucket(n)
+    batch = max(prefill_rows, MIN_DECODE_ROWS)
     prompt_len = length_bucket(longest, MIN_PROMPT_BUCKET)
     cache_len = length_bucket(prompt_len + max_new_tokens, MIN_CACHE_BUCKET)
     pad_id = 0 if config.image_token_id != 0 else 1
-    ids, valid = left_pad(prompts, batch, prompt_len, pad_id)
+    ids, valid = left_pad(prompts, prefill_rows, prompt_len, pad_id)
     if image_embeds is None:
         image_embeds = jnp.zeros((1, config.num_image_tokens, config.llm.hidden_size), jnp.float32)
     image_embeds = jnp.asarray(image_embeds, jnp.float32)  # one dtype, one compile; the scatter casts it
@@ -216,9 +224,13 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
 
     fns, leaves = decoder.jitted, decoder.leaves
     cache, logits = fns.prefill(leaves, jnp.asarray(ids), jnp.asarray(valid), image_embeds, cache_len=cache_len)
+    if batch > prefill_rows:  # rows added for the loop's sake: a zero cache, done from the start
+        cache, logits = _widen((cache, logits), rows=batch)
     out = jnp.full((batch, cache_len), -1, jnp.int32)  # only the first max_new_tokens columns are used
     done = jnp.asarray(np.arange(batch) >= n)
-    num_valid = jnp.asarray(valid.sum(axis=1), jnp.int32)
+    num_valid = np.ones(batch, np.int32)  # a padding row: one valid position, as left_pad makes them
+    num_valid[:prefill_rows] = valid.sum(axis=1)
+    num_valid = jnp.asarray(num_valid)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
     carry = (cache, logits, out, done, jnp.int32(0), num_valid, row_keys)
     stop_list = list(stop_ids)

@@ -203,3 +203,23 @@ def test_fused_pallas_decode_step_gives_the_same_tokens(monkeypatch):
     got = run(fused, [want[row].tokens[at]])
     assert got[row].finish_reason == "stop" and got[row].tokens == want[row].tokens[:at]
 
+
+
+def test_prefill_runs_the_prompts_bucket_and_the_loop_at_least_min_decode_rows(model, monkeypatch):
+    """One prompt is prefilled as one row (prefill cost grows with rows x prompt length); the decode loop runs
+    MIN_DECODE_ROWS rows, and the tokens are those of the prompt decoded alone in a full batch."""
+    import jax
+
+    from ghostvis_jax.generate.decoding import MIN_DECODE_ROWS, Sampling, decode
+
+    decoder = decoder_for(model)
+    rows = {}
+    for name in ("prefill", "loop"):
+        fn = getattr(decoder.jitted, name)
+        monkeypatch.setattr(decoder.jitted, name, lambda leaves, x, *a, _fn=fn, _name=name, **k: (
+            rows.__setitem__(_name, jax.tree.leaves(x)[0].shape[0]), _fn(leaves, x, *a, **k))[1])
+    one = decode(decoder, model.config, [[5, 6, 7, 8]], None, max_new_tokens=6, sampling=Sampling(), stop_ids=[])
+    assert rows == {"prefill": 1, "loop": MIN_DECODE_ROWS} and MIN_DECODE_ROWS > 1
+    full = decode(decoder, model.config, [[5, 6, 7, 8]] + [[9, 10]] * (MIN_DECODE_ROWS - 1), None,
+                  max_new_tokens=6, sampling=Sampling(), stop_ids=[])
+    assert one[0].tokens == full[0].tokens and len(one) == 1
