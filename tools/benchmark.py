@@ -8,8 +8,8 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen, --chunk (loss chunk size),
 --unroll (decode steps per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k,
---swiglu-grad (the SwiGLU backward's Pallas kernel or XLA), --compute-dtype and --losses --lr (the bf16 vs
-float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
+--decode-warps/--decode-stages, --swiglu-grad (the SwiGLU backward's Pallas kernel or XLA), --vision-epilogue
+(SigLIP's fused-epilogue matmul or XLA), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
 shapes: checks the tool on a CPU).
 """
 
@@ -142,8 +142,11 @@ def bench_train(args, stage: str) -> None:
 def bench_vision(args) -> None:
     from flax import nnx
 
+    from ghostvis_jax.model import fused_matmul
     from ghostvis_jax.model.siglip import SiglipVisionTower
 
+    fused_matmul.USE_KERNEL_ON_GPU = args.vision_epilogue != "xla"
+    fused_matmul.KERNEL_RESIDUAL = args.vision_epilogue == "pallas"
     vcfg = model_config(args).vision if args.tiny else preset(vision=VISION[args.vision]).vision
     tower = SiglipVisionTower(vcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     graphdef, state = nnx.split(tower)
@@ -160,7 +163,7 @@ def bench_vision(args) -> None:
     fl = vision_flops_per_image(vcfg) * args.batch / dt
     emit(bench="vision", vision=args.vision, batch=args.batch, step_ms=round(dt * 1e3, 2),
          images_per_s=round(args.batch / dt), tflops=round(fl / 1e12, 1), mfu=round(fl / PEAK_BF16_FLOPS, 4),
-         device=jax.devices()[0].device_kind)
+         vision_epilogue=args.vision_epilogue, device=jax.devices()[0].device_kind)
 
 
 def bench_generate(args) -> None:
@@ -188,6 +191,11 @@ def bench_generate(args) -> None:
 
         decode_attention.MAX_BLOCK_K = args.decode_block_k
         decode_attention.BLOCK_BYTES = args.decode_block_k * mcfg.llm.head_dim * 2
+    if args.decode_warps or args.decode_stages:
+        from ghostvis_jax.model import decode_attention
+
+        decode_attention.NUM_WARPS = args.decode_warps or decode_attention.NUM_WARPS
+        decode_attention.NUM_STAGES = args.decode_stages or decode_attention.NUM_STAGES
     graphdef, state = nnx.split(model)
     decoder = Decoder(graphdef, state, unroll=args.unroll)
     llm_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model.llm, nnx.Param)))
@@ -215,7 +223,8 @@ def bench_generate(args) -> None:
              ms_per_step=round(step * 1e3, 3), tokens_per_s=round(bs / step),
              bytes_per_step_gb=round((weight_bytes + kv_bytes) / 1e9, 3),
              achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), unroll=args.unroll,
-             decode_attn=args.decode_attn, decode_block_k=args.decode_block_k, device=jax.devices()[0].device_kind)
+             decode_attn=args.decode_attn, decode_block_k=args.decode_block_k,
+             decode_warps=args.decode_warps, decode_stages=args.decode_stages, device=jax.devices()[0].device_kind)
 
 
 def main() -> None:
@@ -245,8 +254,12 @@ def main() -> None:
                     help="decode-step attention: auto (Pallas from 16 rows x kv heads), xla, or pallas")
     ap.add_argument("--decode-block-k", type=int, default=0,
                     help="cache positions per block of the Pallas decode kernel (power of 2; 0: its default)")
+    ap.add_argument("--decode-warps", type=int, default=0, help="Triton warps of the decode kernels (0: default)")
+    ap.add_argument("--decode-stages", type=int, default=0, help="Triton stages of the decode kernels (0: default)")
     ap.add_argument("--swiglu-grad", default="pallas", choices=["pallas", "xla"],
                     help="SwiGLU backward: the one-pass Pallas kernel (GPU) or XLA's fusion of the same math")
+    ap.add_argument("--vision-epilogue", default="pallas", choices=["pallas", "pallas-nores", "xla"],
+                    help="SigLIP projections: the fused-epilogue Mosaic GPU matmul (Hopper) or XLA's GEMM + passes")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")

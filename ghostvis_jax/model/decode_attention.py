@@ -27,6 +27,8 @@ _MIN_BLOCK = 16  # Triton's dot needs every dim >= 16
 # [block_k, H] cache tile may take (keeps the per-program working set modest).
 MAX_BLOCK_K = 128
 BLOCK_BYTES = 16 * 1024
+NUM_WARPS = 4   # Triton launch shape of both kernels (tools/benchmark.py --decode-warps / --decode-stages)
+NUM_STAGES = 2
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -152,7 +154,7 @@ def decode_attention(q, k_cache, v_cache, start, end, *, scale=None, block_k=Non
         in_specs=[head_group_spec, cache_spec, cache_spec, row_scalar_spec, row_scalar_spec],
         out_specs=head_group_spec,
         out_shape=jax.ShapeDtypeStruct((batch, num_kv, group_size, head_dim), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="decode_attention",
     )(q.reshape(batch, num_kv, group_size, head_dim), k_cache, v_cache,
@@ -235,7 +237,7 @@ def decode_step_attention(qkv, cos, sin, k_cache, v_cache, start, index, *, scal
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
         input_output_aliases={3: 1, 4: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="decode_step_attention",
     )(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache, v_cache, start.astype(jnp.int32), index)

@@ -48,6 +48,15 @@ class Dense(nnx.Module):
             y = y + use(self.bias, self.dtype)
         return y
 
+    def fused(self, x: jax.Array, *, activation: str = "none", residual: jax.Array | None = None) -> jax.Array:
+        """activation(self(x)) + residual, with the epilogue inside the GEMM where `fused_matmul`'s kernel runs
+        (one output dim only)."""
+        from ghostvis_jax.model.fused_matmul import fused_matmul
+
+        bias = None if self.bias is None else use(self.bias, self.dtype)
+        return fused_matmul(x.astype(self.dtype), use(self.kernel, self.dtype), bias, residual,
+                            activation=activation)
+
 
 class Embed(nnx.Module):
     """Token embedding table [vocab, dim] (also the LM head when tied: `Qwen2Decoder.head_weight`)."""
