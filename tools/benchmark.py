@@ -9,8 +9,8 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen, --chunk (loss chunk size),
 --unroll (decode steps per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k,
 --decode-warps/--decode-stages, --swiglu-grad (the SwiGLU backward's Pallas kernel or XLA), --vision-epilogue
-(SigLIP's fused-epilogue matmul or XLA), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny
-shapes: checks the tool on a CPU).
+(SigLIP's fused-epilogue matmul or XLA), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check),
+--profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
 """
 
 from __future__ import annotations
