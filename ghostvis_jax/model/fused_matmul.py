@@ -77,12 +77,23 @@ def unfused(x, w, bias=None, residual=None, activation: str = "none"):
 
 
 def kernel_supported(m: int, k: int, n: int, dtype, tiling: Tiling = TILING) -> bool:
-    """A Hopper GPU (wgmma is sm_90a only), bf16, and dims the tiling divides."""
+    """A Hopper GPU (wgmma is sm_90a only), bf16, and k, n that the tiling divides. Rows need only be a
+    multiple of 8 (TMA's row tile): it zero-fills the loads past the last row and drops those stores
+    (So400m/14: 729 patches per image).
+
+    n is not padded here: a half-empty last column tile measured slower than XLA (So400m's width 1152), and
+    TMA needs whole 64-element rows. Callers that can pad (the SigLIP MLP's 4304) do it on their side."""
     if jax.default_backend() != "gpu" or jnp.dtype(dtype) != jnp.bfloat16:
         return False
     if getattr(jax.devices()[0], "compute_capability", "") != "9.0":
         return False
-    return m % tiling.block_m == 0 and n % (2 * tiling.block_n) == 0 and k % tiling.block_k == 0
+    return m > 0 and m % 8 == 0 and n % (2 * tiling.block_n) == 0 and k % tiling.block_k == 0
+
+
+def uses_kernel(m: int, k: int, n: int, dtype, *, residual: bool = False) -> bool:
+    """Whether `fused_matmul` takes the kernel for an [m, k] @ [k, n] call here (else XLA's ops)."""
+    return (USE_KERNEL_ON_GPU and (KERNEL_RESIDUAL or not residual) and jax.sharding.get_abstract_mesh().empty
+            and kernel_supported(m, k, n, dtype))
 
 
 def _kernel(x_ref, w_ref, b_ref, r_ref, out_ref, *, tiling: Tiling, activation: str, interpreted: bool):
@@ -154,10 +165,11 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, out_ref, *, tiling: Tiling, activation: 
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(buf, out_ref.at[rows, cols].at[sub_rows, sub_cols])
 
-        @plgpu.nd_loop((m // t.block_m * (n // cta_n),), collective_axes="sm")
+        tiles = (pl.cdiv(m, t.block_m), n // cta_n)
+
+        @plgpu.nd_loop((tiles[0] * tiles[1],), collective_axes="sm")
         def _tile(loop):
-            tile_m, tile_n = plgpu.planar_snake(loop.index[0], (m // t.block_m, n // cta_n), t.snake_minor,
-                                                t.snake_width)
+            tile_m, tile_n = plgpu.planar_snake(loop.index[0], tiles, t.snake_minor, t.snake_width)
             rows = pl.ds(tile_m * t.block_m, t.block_m)
             cols = pl.ds(tile_n * cta_n + wg * t.block_n, t.block_n)   # this warpgroup's half
 
@@ -192,13 +204,15 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, out_ref, *, tiling: Tiling, activation: 
 
 def fused_matmul_pallas(x, w, bias=None, residual=None, *, activation: str = "none", tiling: Tiling = TILING,
                         interpret=None):
-    """x [M, K] @ w [K, N] with the epilogue, as the Mosaic GPU kernel; dims must pass `kernel_supported`'s
-    divisibility (checked here). `interpret`: a Mosaic GPU interpret-mode params object (CPU tests)."""
+    """x [M, K] @ w [K, N] with the epilogue, as the Mosaic GPU kernel; k and n must be whole tiles (checked
+    here). `interpret`: a Mosaic GPU interpret-mode params object (CPU tests)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     (m, k), n = x.shape, w.shape[1]
     t = tiling
-    if (w.shape[0] != k or m % t.block_m or n % (2 * t.block_n) or k % t.block_k
+    # The CPU interpreter does not model TMA's zero-fill past the last row, so it gets whole tiles only.
+    if (w.shape[0] != k or m % 8 or n % (2 * t.block_n) or k % t.block_k
+            or (interpret is not None and m % t.block_m)
             or (bias is not None and bias.shape != (n,)) or (residual is not None and residual.shape != (m, n))):
         raise ValueError(f"fused_matmul: unsupported shapes x {x.shape}, w {w.shape}, "
                          f"bias {None if bias is None else bias.shape}, "
@@ -247,8 +261,7 @@ def fused_matmul(x, w, bias=None, residual=None, *, activation: str = "none"):
         raise ValueError(f"fused_matmul: activation must be one of {ACTIVATIONS}, got {activation!r}")
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[-1]
     m = math.prod(lead)
-    if not (USE_KERNEL_ON_GPU and (KERNEL_RESIDUAL or residual is None) and jax.sharding.get_abstract_mesh().empty
-            and kernel_supported(m, k, n, x.dtype)):
+    if not uses_kernel(m, k, n, x.dtype, residual=residual is not None):
         return unfused(x, w, bias, residual, activation)
     flat = _fused(x.reshape(m, k), w, bias, None if residual is None else residual.reshape(m, n), activation)
     return flat.reshape(*lead, n)

@@ -5,11 +5,14 @@ Input: channels-last normalized pixels [B, H, W, 3]. Output: [B, num_patches, hi
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ghostvis_jax.config import SiglipConfig
+from ghostvis_jax.model import fused_matmul
 from ghostvis_jax.model.attention import attention
 from ghostvis_jax.model.layers import Dense, LayerNorm, _normal, use
 
@@ -47,6 +50,17 @@ class SiglipMLP(nnx.Module):
         self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x, residual=None):
+        width = self.fc1.kernel.shape[1]
+        pad = -width % (2 * fused_matmul.TILING.block_n)
+        if pad and fused_matmul.uses_kernel(math.prod(x.shape[:-1]), x.shape[-1], width + pad, x.dtype):
+            # So400m's width 4304 is no whole number of kernel tiles: zero columns of fc1 (GELU(0) = 0) meet
+            # zero rows of fc2, so the result is unchanged and both GEMMs run in the fused kernel.
+            dtype = self.fc1.dtype
+            w1 = jnp.pad(use(self.fc1.kernel, dtype), ((0, 0), (0, pad)))
+            b1 = jnp.pad(use(self.fc1.bias, dtype), (0, pad))
+            w2 = jnp.pad(use(self.fc2.kernel, dtype), ((0, pad), (0, 0)))
+            h = fused_matmul.fused_matmul(x.astype(dtype), w1, b1, activation="gelu_tanh")
+            return fused_matmul.fused_matmul(h, w2, use(self.fc2.bias, dtype), residual)
         return self.fc2.fused(self.fc1.fused(x, activation="gelu_tanh"), residual=residual)
 
 
