@@ -1,7 +1,7 @@
 """`act(x @ w + bias) + residual` as one Mosaic GPU kernel (Hopper: TMA loads, wgmma), for the frozen SigLIP tower.
 
 Why: XLA runs each SigLIP projection as a cuBLAS GEMM and what follows it (bias, tanh-GELU, residual add) as
-separate passes over the [tokens, width] activations, about a quarter of the tower's time on an H100
+separate passes over the [tokens, width] activations, about a fifth of the tower's time on an H100
 (docs/LOG.md). cuBLAS's own GELU epilogue is out of reach from XLA here: its pattern never matches in bf16. This
 kernel applies that work to the float32 accumulator and writes the result once, rounded once.
 
@@ -11,8 +11,9 @@ share operands in L2). Each CTA has a memory warpgroup that streams [block_m, bl
 one [block_m, block_n] half with wgmma. The epilogue goes by sub-tiles: + bias (a TMA-loaded row, broadcast),
 activation, + residual (TMA-loaded into the staging buffer), one rounding, one TMA store.
 
-Forward only: a custom VJP differentiates the jnp reference, so a tower someone unfreezes still trains.
-Measured in docs/LOG.md (session 6); the jnp reference runs off Hopper GPUs and for shapes the tiling misses.
+Forward only: a custom VJP differentiates the jnp reference, so a tower someone unfreezes still trains. Off
+Hopper GPUs, under a mesh, and for widths that are not whole tiles, XLA's ops run instead (`unfused`).
+Measured in docs/LOG.md (sixth session).
 """
 
 from __future__ import annotations
@@ -255,8 +256,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_matmul(x, w, bias=None, residual=None, *, activation: str = "none"):
     """act(x @ w + bias) + residual over the last dim of x [..., K], w [K, N], bias [N], residual [..., N].
 
-    The Mosaic GPU kernel (float32 epilogue, one rounding) on a Hopper GPU where the tiling divides the shape
-    and no mesh is active; XLA's ops (`unfused`) otherwise."""
+    The Mosaic GPU kernel (float32 epilogue, one rounding) on a Hopper GPU when `kernel_supported` accepts the
+    shape and no mesh is active; XLA's ops (`unfused`) otherwise."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_matmul: activation must be one of {ACTIVATIONS}, got {activation!r}")
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[-1]
