@@ -50,12 +50,11 @@ class SiglipMLP(nnx.Module):
         self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x, residual=None):
-        width = self.fc1.kernel.shape[1]
+        width, dtype = self.fc1.kernel.shape[1], self.fc1.dtype
         pad = -width % (2 * fused_matmul.TILING.block_n)
-        if pad and fused_matmul.uses_kernel(math.prod(x.shape[:-1]), x.shape[-1], width + pad, x.dtype):
+        if pad and fused_matmul.uses_kernel(math.prod(x.shape[:-1]), x.shape[-1], width + pad, dtype):
             # So400m's width 4304 is no whole number of kernel tiles: zero columns of fc1 (GELU(0) = 0) meet
-            # zero rows of fc2, so the result is unchanged and both GEMMs run in the fused kernel.
-            dtype = self.fc1.dtype
+            # zero rows of fc2, so the result is unchanged and fc1 with its GELU runs in the fused kernel.
             w1 = jnp.pad(use(self.fc1.kernel, dtype), ((0, 0), (0, pad)))
             b1 = jnp.pad(use(self.fc1.bias, dtype), (0, pad))
             w2 = jnp.pad(use(self.fc2.kernel, dtype), ((0, pad), (0, 0)))
