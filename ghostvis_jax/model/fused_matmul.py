@@ -88,6 +88,10 @@ def kernel_supported(m: int, k: int, n: int, dtype, tiling: Tiling = TILING) -> 
         return False
     if getattr(jax.devices()[0], "compute_capability", "") != "9.0":
         return False
+    return _tiles_fit(m, k, n, tiling)
+
+
+def _tiles_fit(m: int, k: int, n: int, tiling: Tiling) -> bool:
     return m > 0 and m % 8 == 0 and n % (2 * tiling.block_n) == 0 and k % tiling.block_k == 0
 
 
@@ -212,8 +216,7 @@ def fused_matmul_pallas(x, w, bias=None, residual=None, *, activation: str = "no
     (m, k), n = x.shape, w.shape[1]
     t = tiling
     # The CPU interpreter does not model TMA's zero-fill past the last row, so it gets whole tiles only.
-    if (w.shape[0] != k or m % 8 or n % (2 * t.block_n) or k % t.block_k
-            or (interpret is not None and m % t.block_m)
+    if (w.shape[0] != k or not _tiles_fit(m, k, n, t) or (interpret is not None and m % t.block_m)
             or (bias is not None and bias.shape != (n,)) or (residual is not None and residual.shape != (m, n))):
         raise ValueError(f"fused_matmul: unsupported shapes x {x.shape}, w {w.shape}, "
                          f"bias {None if bias is None else bias.shape}, "
