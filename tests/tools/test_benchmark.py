@@ -73,3 +73,19 @@ def test_trace_summary_counts_busy_time_and_kernel_classes():
     for cls, ms in (("gemm", "0.03"), ("attention", "0.01"), ("other", "0.01"), ("collective", "0.01")):
         assert any(line.split()[:2] == [cls, ms] for line in out.splitlines()), (cls, out)
     assert "host work" not in out
+
+
+def test_kernel_bench_covers_the_towers_projections_and_times_xla_off_hopper():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import kernel_bench
+
+    # So400m/14 at 384 px: 729 patches per image; the MLP width 4304 is padded to whole kernel tiles (4352).
+    shapes = {name: (m, k, n) for name, m, k, n, *_ in kernel_bench.projections("so400m384", batch=2)}
+    assert shapes == {"q": (1458, 1152, 1152), "out_proj+res": (1458, 1152, 1152),
+                      "fc1+gelu": (1458, 1152, 4352), "fc2+res": (1458, 4352, 1152)}
+    rows = kernel_bench.main(["--vision", "large256", "--batch", "1", "--reps", "1"])
+    assert [(r["projection"], r["m"], r["k"], r["n"]) for r in rows] == [
+        ("q", 256, 1024, 1024), ("out_proj+res", 256, 1024, 1024), ("fc1+gelu", 256, 1024, 4096),
+        ("fc2+res", 256, 4096, 1024)]
+    # No Hopper GPU here: XLA's GEMM is timed, the kernel is not attempted.
+    assert all(r["xla_gemm_us"] > 0 and "kernel_us" not in r for r in rows)
