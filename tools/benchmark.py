@@ -174,6 +174,7 @@ def bench_generate(args) -> None:
     from flax import nnx
 
     from ghostvis_jax.generate.decoding import Decoder, Sampling, decode
+    from ghostvis_jax.model import decode_attention
     from ghostvis_jax.model.vlm import GhostVisModel
 
     mcfg = model_config(args)
@@ -187,13 +188,9 @@ def bench_generate(args) -> None:
 
         attention.PALLAS_DECODE_MIN_PROGRAMS = 1
     if args.decode_block_k:
-        from ghostvis_jax.model import decode_attention
-
         decode_attention.MAX_BLOCK_K = args.decode_block_k
         decode_attention.BLOCK_BYTES = args.decode_block_k * mcfg.llm.head_dim * 2
     if args.decode_warps or args.decode_stages:
-        from ghostvis_jax.model import decode_attention
-
         decode_attention.NUM_WARPS = args.decode_warps or decode_attention.NUM_WARPS
         decode_attention.NUM_STAGES = args.decode_stages or decode_attention.NUM_STAGES
     graphdef, state = nnx.split(model)

@@ -57,7 +57,7 @@ def projections(vision: str, batch: int):
     """(name, M, K, N, bias, residual, activation) of the tower's four projections (q/k/v share one shape)."""
     cfg = preset(vision=VISION[vision]).vision
     m, d = batch * cfg.num_patches, cfg.hidden_size
-    mlp = cfg.intermediate_size + (-cfg.intermediate_size % (2 * fused_matmul.TILING.block_n))  # SiglipMLP's padding
+    mlp = fused_matmul.padded_width(cfg.intermediate_size)  # as SiglipMLP pads it for the kernel
     return [("q", m, d, d, True, False, "none"), ("out_proj+res", m, d, d, True, True, "none"),
             ("fc1+gelu", m, d, mlp, True, False, "gelu_tanh"), ("fc2+res", m, mlp, d, True, True, "none")]
 

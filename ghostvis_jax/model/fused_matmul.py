@@ -83,7 +83,8 @@ def kernel_supported(m: int, k: int, n: int, dtype, tiling: Tiling = TILING) -> 
     (So400m/14: 729 patches per image).
 
     n is not padded here: a half-empty last column tile measured slower than XLA (So400m's width 1152), and
-    TMA needs whole 64-element rows. Callers that can pad (the SigLIP MLP's 4304) do it on their side."""
+    TMA needs whole 64-element rows. Callers that can pad (the SigLIP MLP's 4304) do it on their side, to
+    `padded_width`."""
     if jax.default_backend() != "gpu" or jnp.dtype(dtype) != jnp.bfloat16:
         return False
     if getattr(jax.devices()[0], "compute_capability", "") != "9.0":
@@ -93,6 +94,11 @@ def kernel_supported(m: int, k: int, n: int, dtype, tiling: Tiling = TILING) -> 
 
 def _tiles_fit(m: int, k: int, n: int, tiling: Tiling) -> bool:
     return m > 0 and m % 8 == 0 and n % (2 * tiling.block_n) == 0 and k % tiling.block_k == 0
+
+
+def padded_width(n: int, tiling: Tiling = TILING) -> int:
+    """n rounded up to whole CTA column tiles: the width a caller pads to with zeros (`SiglipMLP`'s 4304)."""
+    return n + -n % (2 * tiling.block_n)
 
 
 def uses_kernel(m: int, k: int, n: int, dtype, *, residual: bool = False) -> bool:

@@ -51,7 +51,7 @@ class SiglipMLP(nnx.Module):
 
     def __call__(self, x, residual=None):
         width, dtype = self.fc1.kernel.shape[1], self.fc1.dtype
-        pad = -width % (2 * fused_matmul.TILING.block_n)
+        pad = fused_matmul.padded_width(width) - width
         if pad and fused_matmul.uses_kernel(math.prod(x.shape[:-1]), x.shape[-1], width + pad, dtype):
             # So400m's width 4304 is no whole number of kernel tiles: zero columns of fc1 (GELU(0) = 0) meet
             # zero rows of fc2, so the result is unchanged and fc1 with its GELU runs in the fused kernel.

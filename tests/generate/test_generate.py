@@ -204,7 +204,6 @@ def test_fused_pallas_decode_step_gives_the_same_tokens(monkeypatch):
     assert got[row].finish_reason == "stop" and got[row].tokens == want[row].tokens[:at]
 
 
-
 def test_prefill_runs_the_prompts_bucket_and_the_loop_at_least_min_decode_rows(model, monkeypatch):
     """One prompt is prefilled as one row (prefill cost grows with rows x prompt length); the decode loop runs
     MIN_DECODE_ROWS rows, and the tokens are those of the prompt decoded alone in a full batch."""

@@ -90,4 +90,3 @@ def test_kernel_bench_covers_the_towers_projections_and_times_xla_off_hopper():
     # No Hopper GPU here: XLA's GEMM is timed (a difference of two loop timings: on 2 busy cores it may come out
     # near zero, so only its presence is checked), the kernel is not attempted.
     assert all(isinstance(r["xla_gemm_us"], float) and "kernel_us" not in r for r in rows)
-
