@@ -6,7 +6,9 @@
 Each figure is measured inside one jit: a `fori_loop` of n calls, each reading an input that the previous call
 wrote one element of, timed at n and 2n calls; per call = (T(2n) − T(n)) / n. Host dispatch (50–120 µs per
 jitted call on the device machine) and the gaps between jit calls drop out; the loop's own per-iteration cost
-stays in, the same for both columns. Timing one jitted call per kernel,
+stays in, the same for both columns: on an H100 a loop of tiny calls still takes 15–19 µs per iteration (its
+kernels are launched from the host one by one), so calls much shorter than ~20 µs, such as decode's, cannot be
+timed this way (docs/LOG.md, eighth session); the towers' 50–700 µs calls can. Timing one jitted call per kernel,
 as the sixth session's sweeps did, sat near that floor for the N = 1024 projections (docs/LOG.md, seventh session).
 
 One JSON line per projection: the kernel's µs and TFLOP/s with its largest error against the float32 reference

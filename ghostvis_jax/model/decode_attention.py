@@ -4,7 +4,9 @@ Why: during autoregressive decode XLA runs about five small kernels per layer fo
 softmax reductions, value dot); at 1.5B params the per-kernel cost dominates a decode step. This kernel does all
 of it in one launch: one program per (batch row, kv head) loads that kv head's group of query heads, streams the
 cache blocks that intersect the row's valid range [start, end) with an online softmax in float32, and writes the
-normalised result.
+normalised result. The decode step's kernel (`decode_step_attention`, with RoPE and the cache write inside) also
+splits each row's blocks over several programs when there are few rows, their partial softmaxes combined
+afterwards: one program per (row, kv head) left most of an H100's SMs idle at batch 1 (16 programs).
 
 Layout matches `attention.py`: q [B, N, H], cache [B, S, K, H] read in place (no transpose of the cache, which
 would copy it every step); query head n uses kv head n // (N // K), as HF's repeat_kv.
@@ -29,6 +31,11 @@ MAX_BLOCK_K = 128
 BLOCK_BYTES = 16 * 1024
 NUM_WARPS = 4   # Triton launch shape of both kernels (tools/benchmark.py --decode-warps / --decode-stages)
 NUM_STAGES = 2
+# The decode step splits each row's cache blocks over programs until there are about this many in all (at most
+# one split per block): about one wave on an H100's 132 SMs. At batch 1 (8 rows, 16 programs) 6 splits took the
+# step from 1.77 to 1.65-1.69 ms; at batch 64 (128 programs) 4 splits cost 0.5-1% (docs/LOG.md, eighth session).
+SPLIT_TARGET_PROGRAMS = 128
+FORCE_SPLITS = 0  # a fixed split count instead (tools/benchmark.py --decode-splits; 0: `num_splits` picks)
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -61,11 +68,12 @@ def supported(q_shape, cache_shape, dtype) -> bool:
             and _default_block_k(seq_len, head_dim, dtype) is not None and math.prod(cache_shape) < 2**31)
 
 
-def _attend_cache(q_parts, k_ref, v_ref, lo, hi, init, *, scale, block_k):
+def _attend_cache(q_parts, k_ref, v_ref, lo, hi, init, *, scale, block_k, blocks=None):
     """Online softmax of the queries over cache positions lo <= s < hi, continuing from `init` = (acc, max, sum).
 
     q_parts: ((q [G_pad, h], first column), ...) — the query split along the head dim (the RoPE kernel keeps its
-    two halves apart); each part is dotted with the same columns of the key tiles."""
+    two halves apart); each part is dotted with the same columns of the key tiles. blocks: (first, end) cache
+    blocks to visit, a sub-range of those that intersect [lo, hi) (default: all of them)."""
     # Pallas Triton lowers a float32 dot at default precision to TF32; ask for full float32 (IEEE) instead.
     precision = lax.Precision.HIGHEST if q_parts[0][0].dtype == jnp.float32 else None
     dot = functools.partial(lax.dot_general, precision=precision, preferred_element_type=jnp.float32)
@@ -86,7 +94,8 @@ def _attend_cache(q_parts, k_ref, v_ref, lo, hi, init, *, scale, block_k):
         return acc, new_max, running_sum * rescale + probs.sum(axis=1)
 
     # Only the blocks that intersect [lo, hi): a short row in a long cache reads just what it needs.
-    return lax.fori_loop(lo // block_k, pl.cdiv(hi, block_k), body, init)
+    first, end = (lo // block_k, pl.cdiv(hi, block_k)) if blocks is None else blocks
+    return lax.fori_loop(first, end, body, init)
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, start_ref, end_ref, out_ref, *, scale, block_k, group_size):
@@ -162,11 +171,16 @@ def decode_attention(q, k_cache, v_cache, start, end, *, scale=None, block_k=Non
     return out.reshape(batch, num_heads, head_dim)
 
 
-def _decode_step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, start_ref, index_ref, out_ref, k_out_ref,
-                        v_out_ref, *, scale, block_k, group_size):
+def _decode_step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, start_ref, index_ref, *out_refs, scale, block_k,
+                        group_size, splits):
     """qkv_ref [P, H]: rows 0..G-1 this kv head's query heads, row G its new key, row G+1 its new value, before
     RoPE (rows past G+1 are outside the array and never read); cos_ref/sin_ref [H]; k_ref/v_ref [S, H] the cache,
-    which k_out_ref/v_out_ref alias; out_ref [P, H] (rows < G written)."""
+    which k_out_ref/v_out_ref alias. One split (splits == 1): out_ref [P, H] (rows < G written). Several: this
+    program's share of the row's cache blocks, as float32 partials acc_ref [P, H], max_ref [P], sum_ref [P]."""
+    if splits == 1:
+        out_ref, k_out_ref, v_out_ref = out_refs
+    else:
+        acc_ref, max_ref, sum_ref, k_out_ref, v_out_ref = out_refs
     rows, head_dim = qkv_ref.shape
     half = head_dim // 2
     first, second = pl.ds(0, half), pl.ds(half, half)
@@ -184,24 +198,52 @@ def _decode_step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, start_ref, inde
     key_row = pl.ds(group_size, 1)
     k1, k2 = rope(qkv_ref[key_row, first], qkv_ref[key_row, second])   # [1, H/2] each
     v_new = qkv_ref[pl.ds(group_size + 1, 1), :]                        # [1, H]
-    new_slot = pl.ds(index, 1)
-    k_out_ref[new_slot, first] = k1
-    k_out_ref[new_slot, second] = k2
-    v_out_ref[new_slot, :] = v_new
+    split = pl.program_id(2)
 
-    # The new token seeds the online softmax; the cache supplies the row's earlier positions start..index-1.
+    @pl.when(split == 0)  # no split reads position `index`, so the write races with no read
+    def _write_cache():
+        new_slot = pl.ds(index, 1)
+        k_out_ref[new_slot, first] = k1
+        k_out_ref[new_slot, second] = k2
+        v_out_ref[new_slot, :] = v_new
+
+    # The new token seeds split 0's online softmax; the cache supplies the row's earlier positions start..index-1.
     def f32(x):
         return x.astype(jnp.float32)
 
     new_score = (jnp.sum(f32(q1) * f32(k1), axis=1) + jnp.sum(f32(q2) * f32(k2), axis=1)) * scale
-    init = (jnp.broadcast_to(f32(v_new), (rows, head_dim)), new_score, jnp.ones((rows,), jnp.float32))
-    acc, _, total = _attend_cache(((q1, 0), (q2, half)), k_ref, v_ref, start, index, init, scale=scale,
-                                  block_k=block_k)
-    plgpu.store(out_ref, (acc / total[:, None]).astype(out_ref.dtype), mask=row_is_head)
+    seeded = split == 0
+    init = (jnp.where(seeded, jnp.broadcast_to(f32(v_new), (rows, head_dim)), 0.0),
+            jnp.where(seeded, new_score, -jnp.inf), jnp.where(seeded, 1.0, jnp.zeros((rows,), jnp.float32)))
+    first_block, end_block = start // block_k, pl.cdiv(index, block_k)
+    share = pl.cdiv(end_block - first_block, splits)
+    lo_block = jnp.minimum(first_block + split * share, end_block)
+    acc, running_max, total = _attend_cache(((q1, 0), (q2, half)), k_ref, v_ref, start, index, init, scale=scale,
+                                            block_k=block_k,
+                                            blocks=(lo_block, jnp.minimum(lo_block + share, end_block)))
+    if splits == 1:
+        plgpu.store(out_ref, (acc / total[:, None]).astype(out_ref.dtype), mask=row_is_head)
+    else:  # a split with no blocks leaves (0, -inf, 0): weight 0 in the combination
+        acc_ref[...] = acc
+        max_ref[...] = running_max
+        sum_ref[...] = total
+
+
+def num_splits(batch: int, num_kv: int, seq_len: int, block_k: int) -> int:
+    """Programs per (row, kv head) of the decode step: SPLIT_TARGET_PROGRAMS in all, at most one per cache
+    block."""
+    return max(1, min(SPLIT_TARGET_PROGRAMS // (batch * num_kv), seq_len // block_k))
+
+
+def _combine(acc, running_max, total, group_size: int, dtype):
+    """The splits' partial softmaxes [B, K, splits, P, ...] → the normalised [B, K, G, H]."""
+    weight = jnp.exp(running_max - running_max.max(axis=2, keepdims=True))   # split 0 holds a finite max
+    out = (weight[..., None] * acc).sum(axis=2) / (weight * total).sum(axis=2)[..., None]
+    return out[:, :, :group_size].astype(dtype)
 
 
 def decode_step_attention(qkv, cos, sin, k_cache, v_cache, start, index, *, scale=None, block_k=None,
-                          interpret=None):
+                          splits=None, interpret=None):
     """One decode step's attention with RoPE and the KV-cache write in the same kernel.
 
     qkv [B, K, G + 2, H]: per kv head its G query heads, then the new key and value, before RoPE (the layout of
@@ -209,6 +251,9 @@ def decode_step_attention(qkv, cos, sin, k_cache, v_cache, start, index, *, scal
     layout); k_cache/v_cache [B, S, K, H] in qkv's dtype; start int32 [B]; index: int scalar, the cache position
     of the new token (clamped into the cache, as dynamic_update_slice would). Row b attends to cache positions
     start[b] <= s < index and to the new token.
+
+    splits: programs per (row, kv head), each taking an equal share of the row's cache blocks (None:
+    `num_splits`); their float32 partial softmaxes are combined here (XLA).
 
     Returns (out [B, K·G, H], k_cache, v_cache): the caches with the rotated key and the value written at
     `index` (in place when the caller donates them); every other position is left as it was."""
@@ -221,24 +266,41 @@ def decode_step_attention(qkv, cos, sin, k_cache, v_cache, start, index, *, scal
     block_k, interpret = _block_k_and_interpret(step_supported(qkv.shape, k_cache.shape, qkv.dtype),
                                                 f"decode_step_attention: qkv {qkv.shape}", k_cache, v_cache,
                                                 qkv.dtype, block_k, interpret)
+    if splits is None:
+        splits = FORCE_SPLITS or num_splits(batch, num_kv, seq_len, block_k)
+    if splits < 1:
+        raise ValueError(f"decode_step_attention: splits must be >= 1, got {splits}")
     rows = max(_MIN_BLOCK, pl.next_power_of_2(parts))
     kernel = functools.partial(_decode_step_kernel, scale=head_dim ** -0.5 if scale is None else scale,
-                               block_k=block_k, group_size=group_size)
-    head_group_spec, cache_spec, row_scalar_spec = _specs(seq_len, rows, head_dim)
-    row_vector_spec = pl.BlockSpec((None, head_dim), lambda b, j: (b, 0))
+                               block_k=block_k, group_size=group_size, splits=splits)
+    # The grid (row b, kv head j, split s): as `_specs`, with the split's own partial-result blocks.
+    head_group_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, j, s: (b, j, 0, 0))
+    cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, j, s: (b, 0, j, 0))
+    row_scalar_spec = pl.BlockSpec((None,), lambda b, j, s: (b,))
+    row_vector_spec = pl.BlockSpec((None, head_dim), lambda b, j, s: (b, 0))
+    caches = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    if splits == 1:
+        out_specs = [head_group_spec]
+        out_shape = [jax.ShapeDtypeStruct((batch, num_kv, group_size, head_dim), qkv.dtype)]
+    else:
+        out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, j, s: (b, j, s, 0, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda b, j, s: (b, j, s, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda b, j, s: (b, j, s, 0))]
+        out_shape = [jax.ShapeDtypeStruct((batch, num_kv, splits, rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, num_kv, splits, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, num_kv, splits, rows), jnp.float32)]
     index = jnp.broadcast_to(jnp.clip(jnp.asarray(index, jnp.int32), 0, seq_len - 1), (batch,))
-    out, k_cache, v_cache = pl.pallas_call(
+    *results, k_cache, v_cache = pl.pallas_call(
         kernel,
-        grid=(batch, num_kv),
+        grid=(batch, num_kv, splits),
         in_specs=[head_group_spec, row_vector_spec, row_vector_spec, cache_spec, cache_spec, row_scalar_spec,
                   row_scalar_spec],
-        out_specs=[head_group_spec, cache_spec, cache_spec],
-        out_shape=[jax.ShapeDtypeStruct((batch, num_kv, group_size, head_dim), qkv.dtype),
-                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-        input_output_aliases={3: 1, 4: 2},
+        out_specs=out_specs + [cache_spec, cache_spec],
+        out_shape=out_shape + caches,
+        input_output_aliases={3: len(out_shape), 4: len(out_shape) + 1},
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="decode_step_attention",
     )(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache, v_cache, start.astype(jnp.int32), index)
+    out = results[0] if splits == 1 else _combine(*results, group_size, qkv.dtype)
     return out.reshape(batch, num_kv * group_size, head_dim), k_cache, v_cache

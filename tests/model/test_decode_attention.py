@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ghostvis_jax.model.attention import naive_attention
-from ghostvis_jax.model.decode_attention import decode_attention, decode_step_attention, step_supported, supported
+from ghostvis_jax.model.decode_attention import (decode_attention, decode_step_attention, num_splits, step_supported,
+                                                 supported)
 from ghostvis_jax.model.qwen2 import apply_rope, rope_cos_sin
 
 # Per row: full cache, left padding with an end off the block grid, a single valid position, block-aligned range.
@@ -95,12 +96,14 @@ def _step_reference(qkv, cos, sin, k_cache, v_cache, start, index):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("num_kv,group", [(2, 6), (4, 1), (1, 2)], ids=["group6", "mha", "group2"])
 @pytest.mark.parametrize("index", [20, 48, 63, 70], ids=["mid_block", "block_start", "last", "past_end"])
-def test_decode_step_matches_rope_cache_write_and_attention(dtype, num_kv, group, index):
+def test_decode_step_matches_rope_cache_write_and_attention(dtype, num_kv, group, index, splits=None):
+    # splits=None: num_splits picks 4 for these shapes (one per cache block of 16), so a row whose keys span
+    # fewer blocks also has splits with nothing to read.
     qkv, cos, sin, k, v = _step_inputs(dtype, num_kv, group)
     start = jnp.asarray(np.minimum(STARTS, 20))  # every row has keys before index (20 is the first one tested)
     want, want_k, want_v = _step_reference(qkv, cos[:, 0], sin[:, 0], k, v, start, index)
-    got, got_k, got_v = jax.jit(decode_step_attention, static_argnames="block_k")(
-        qkv, cos[:, 0], sin[:, 0], k, v, start, index, block_k=16)
+    got, got_k, got_v = jax.jit(decode_step_attention, static_argnames=("block_k", "splits"))(
+        qkv, cos[:, 0], sin[:, 0], k, v, start, index, block_k=16, splits=splits)
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
     # The cache: the new key and value land at `index` (rounded as the unfused path rounds); nothing else moves.
@@ -109,6 +112,24 @@ def test_decode_step_matches_rope_cache_write_and_attention(dtype, num_kv, group
     np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
     untouched = np.arange(k.shape[1]) != min(index, k.shape[1] - 1)
     np.testing.assert_array_equal(np.asarray(got_k)[:, untouched], np.asarray(k)[:, untouched])
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("index", [20, 63], ids=["mid_block", "last"])
+def test_decode_step_with_other_split_counts(splits, index):
+    # One program per (row, kv head); and 3 splits of a row's 2-4 blocks (shares of 1 or 2 blocks, some empty).
+    test_decode_step_matches_rope_cache_write_and_attention(jnp.bfloat16, 2, 6, index, splits=splits)
+
+
+def test_split_count_aims_at_the_program_target_with_at_most_one_split_per_block():
+    # Qwen2.5-1.5B (2 kv heads) in the generate bench: a 384-position cache in blocks of 64.
+    assert num_splits(batch=8, num_kv=2, seq_len=384, block_k=64) == 6     # capped: 6 cache blocks
+    assert num_splits(batch=8, num_kv=2, seq_len=1024, block_k=64) == 8    # 128 programs
+    assert num_splits(batch=64, num_kv=2, seq_len=384, block_k=64) == 1    # 128 programs already
+    assert num_splits(batch=512, num_kv=4, seq_len=512, block_k=64) == 1
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        qkv, cos, sin, k, v = _step_inputs(jnp.float32, 2, 2)
+        decode_step_attention(qkv, cos[:, 0], sin[:, 0], k, v, jnp.zeros((len(STARTS),), jnp.int32), 3, splits=0)
 
 
 def test_decode_step_with_only_the_new_token_returns_its_value():
