@@ -37,9 +37,10 @@ def pick_implementation(q: jax.Array, k: jax.Array, mask) -> str:
     if isinstance(mask, KeyRange):
         from ghostvis_jax.model import decode_attention  # Pallas is imported only where a decode step may use it
 
-        # One kernel program per (row, kv head). With RoPE and the cache write inside (decode_step_attention) it
-        # beats XLA's attention from 16 programs on an H100: 2-3% at batch 8, 6-7% at batch 64; at batch 1 (2
-        # programs) the two were within noise (docs/LOG.md).
+        # At least one kernel program per (row, kv head) (decode_step_attention splits a row's cache blocks
+        # further when there are few rows). With RoPE and the cache write inside it beats XLA's attention from 16
+        # programs on an H100: 2-3% at batch 8, 6-7% at batch 64; at batch 1 (2 programs) the two were within
+        # noise (docs/LOG.md).
         decode_ok = (q.shape[1] == 1 and q.shape[0] * k.shape[2] >= PALLAS_DECODE_MIN_PROGRAMS
                      and jax.sharding.get_abstract_mesh().empty and k.dtype == q.dtype
                      and decode_attention.supported((q.shape[0],) + q.shape[2:], k.shape, q.dtype))
