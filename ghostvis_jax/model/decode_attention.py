@@ -134,11 +134,11 @@ def _block_k_and_interpret(ok: bool, what: str, k_cache, v_cache, dtype, block_k
 
 
 def _specs(seq_len: int, rows: int, head_dim: int):
-    """BlockSpecs over the grid (batch row b, kv head j): a [rows, H] head-group tile, the [S, H] cache of one
-    kv head, one int32 per row."""
-    return (pl.BlockSpec((None, None, rows, head_dim), lambda b, j: (b, j, 0, 0)),
-            pl.BlockSpec((None, seq_len, None, head_dim), lambda b, j: (b, 0, j, 0)),
-            pl.BlockSpec((None,), lambda b, j: (b,)))
+    """BlockSpecs over a grid (batch row b, kv head j, ...) — the decode step adds a split axis, which these
+    blocks do not depend on: a [rows, H] head-group tile, the [S, H] cache of one kv head, one int32 per row."""
+    return (pl.BlockSpec((None, None, rows, head_dim), lambda b, j, *_: (b, j, 0, 0)),
+            pl.BlockSpec((None, seq_len, None, head_dim), lambda b, j, *_: (b, 0, j, 0)),
+            pl.BlockSpec((None,), lambda b, j, *_: (b,)))
 
 
 def decode_attention(q, k_cache, v_cache, start, end, *, scale=None, block_k=None, interpret=None) -> jax.Array:
@@ -273,10 +273,8 @@ def decode_step_attention(qkv, cos, sin, k_cache, v_cache, start, index, *, scal
     rows = max(_MIN_BLOCK, pl.next_power_of_2(parts))
     kernel = functools.partial(_decode_step_kernel, scale=head_dim ** -0.5 if scale is None else scale,
                                block_k=block_k, group_size=group_size, splits=splits)
-    # The grid (row b, kv head j, split s): as `_specs`, with the split's own partial-result blocks.
-    head_group_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, j, s: (b, j, 0, 0))
-    cache_spec = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, j, s: (b, 0, j, 0))
-    row_scalar_spec = pl.BlockSpec((None,), lambda b, j, s: (b,))
+    # The grid (row b, kv head j, split s): `_specs`, and each split's own partial-result blocks.
+    head_group_spec, cache_spec, row_scalar_spec = _specs(seq_len, rows, head_dim)
     row_vector_spec = pl.BlockSpec((None, head_dim), lambda b, j, s: (b, 0))
     caches = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:

@@ -127,8 +127,8 @@ def test_split_count_aims_at_the_program_target_with_at_most_one_split_per_block
     assert num_splits(batch=8, num_kv=2, seq_len=1024, block_k=64) == 8    # 128 programs
     assert num_splits(batch=64, num_kv=2, seq_len=384, block_k=64) == 1    # 128 programs already
     assert num_splits(batch=512, num_kv=4, seq_len=512, block_k=64) == 1
+    qkv, cos, sin, k, v = _step_inputs(jnp.float32, 2, 2)
     with pytest.raises(ValueError, match="splits must be >= 1"):
-        qkv, cos, sin, k, v = _step_inputs(jnp.float32, 2, 2)
         decode_step_attention(qkv, cos[:, 0], sin[:, 0], k, v, jnp.zeros((len(STARTS),), jnp.int32), 3, splits=0)
 
 
