@@ -272,6 +272,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.unroll < 1:
         ap.error(f"--unroll must be >= 1, got {args.unroll}")
+    if args.decode_splits < 0:
+        ap.error(f"--decode-splits must be >= 0 (0: the kernel's own choice), got {args.decode_splits}")
     if args.decode_block_k and (args.decode_block_k < 16 or args.decode_block_k & (args.decode_block_k - 1)):
         ap.error(f"--decode-block-k must be a power of 2 >= 16, got {args.decode_block_k}")
     if args.bench in ("train-sft", "train-align"):

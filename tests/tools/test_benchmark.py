@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
@@ -32,10 +34,12 @@ def test_generate_bench_reports_each_batch():
     assert all(r["bench"] == "generate" and "ms_per_step" in r for r in rows)
 
 
-def test_a_bad_option_is_refused_by_name():
+@pytest.mark.parametrize("option,message", [(("--unroll", "0"), "--unroll must be >= 1, got 0"),
+                                            (("--decode-splits", "-1"), "--decode-splits must be >= 0")])
+def test_a_bad_option_is_refused_by_name(option, message):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "generate", "--tiny",
-                           "--unroll", "0"], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
-    assert proc.returncode == 2 and "--unroll must be >= 1, got 0" in proc.stderr and "Traceback" not in proc.stderr
+                           *option], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_compare_tabulates_ratios(tmp_path):
