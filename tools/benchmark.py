@@ -8,7 +8,8 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
   python tools/benchmark.py train-align | train-full | vision [--vision so400m384] | generate
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen, --chunk (loss chunk size),
 --unroll (decode steps per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k,
---decode-warps/--decode-stages, --decode-splits (programs per row and kv head of the decode step), --swiglu-grad
+--decode-warps/--decode-stages, --decode-splits (programs per row and kv head of the decode step), --decode-gemm
+(the decode step's few-row GEMM kernels or XLA), --swiglu-grad
 (the SwiGLU backward's Pallas kernel or XLA), --vision-epilogue (SigLIP's fused-epilogue matmul or XLA),
 --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where the GPU time goes,
 tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
@@ -192,6 +193,9 @@ def bench_generate(args) -> None:
         decode_attention.MAX_BLOCK_K = args.decode_block_k
         decode_attention.BLOCK_BYTES = args.decode_block_k * mcfg.llm.head_dim * 2
     decode_attention.FORCE_SPLITS = args.decode_splits
+    from ghostvis_jax.model import skinny_matmul
+
+    skinny_matmul.IMPLEMENTATION = args.decode_gemm
     if args.decode_warps or args.decode_stages:
         decode_attention.NUM_WARPS = args.decode_warps or decode_attention.NUM_WARPS
         decode_attention.NUM_STAGES = args.decode_stages or decode_attention.NUM_STAGES
@@ -224,7 +228,7 @@ def bench_generate(args) -> None:
              achieved_gbps=round((weight_bytes + kv_bytes) / step / 1e9), unroll=args.unroll,
              decode_attn=args.decode_attn, decode_block_k=args.decode_block_k,
              decode_warps=args.decode_warps, decode_stages=args.decode_stages, decode_splits=args.decode_splits,
-             device=jax.devices()[0].device_kind)
+             decode_gemm=args.decode_gemm, device=jax.devices()[0].device_kind)
 
 
 def main() -> None:
@@ -259,6 +263,8 @@ def main() -> None:
     ap.add_argument("--decode-splits", type=int, default=0,
                     help="programs per (row, kv head) of the decode step's attention kernel (0: its own choice; 1: no "
                          "split of the cache range)")
+    ap.add_argument("--decode-gemm", default="auto", choices=["auto", "xla", "pallas"],
+                    help="decode step's MLP and o_proj: auto (the few-row Pallas kernels on a GPU), xla, or pallas")
     ap.add_argument("--decode-warps", type=int, default=0, help="Triton warps of the decode kernels (0: default)")
     ap.add_argument("--decode-stages", type=int, default=0, help="Triton stages of the decode kernels (0: default)")
     ap.add_argument("--swiglu-grad", default="pallas", choices=["pallas", "xla"],

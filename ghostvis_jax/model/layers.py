@@ -48,6 +48,17 @@ class Dense(nnx.Module):
             y = y + use(self.bias, self.dtype)
         return y
 
+    def decode_step(self, x: jax.Array) -> jax.Array:
+        """self(x) for a decode step's few rows: `skinny_matmul`'s kernel where it applies (a GPU, one output
+        dim, no bias), else XLA."""
+        from ghostvis_jax.model import skinny_matmul
+
+        rows, (k, *out) = x.size // x.shape[-1], self.kernel.shape
+        if self.bias is not None or len(out) != 1 or not skinny_matmul.applies(rows, k, out[0], self.dtype):
+            return self(x)
+        y = skinny_matmul.matmul(x.reshape(rows, k).astype(self.dtype), use(self.kernel, self.dtype))
+        return y.reshape(*x.shape[:-1], out[0])
+
     def fused(self, x: jax.Array, *, activation: str = "none", residual: jax.Array | None = None) -> jax.Array:
         """activation(self(x)) + residual, with the epilogue inside the GEMM where `fused_matmul`'s kernel runs
         (one output dim only)."""

@@ -63,7 +63,7 @@ class Qwen2Attention(nnx.Module):
 
             out, k, v = decode_step_attention(qkv[:, 0], cos[:, 0], sin[:, 0], cache["k"], cache["v"], mask.start,
                                               cache_index)
-            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), {"k": k, "v": v}
+            return self.o_proj.decode_step(out.reshape(b, t, self.num_heads * self.head_dim)), {"k": k, "v": v}
         qk = apply_rope(qkv[..., :self.group + 1, :], cos, sin)
         q = qk[..., :self.group, :].reshape(b, t, self.num_heads, self.head_dim)
         k, v = qk[..., self.group, :], qkv[..., self.group + 1, :]     # [B, T, K, H]
@@ -99,7 +99,15 @@ class Qwen2MLP(nnx.Module):
         self.gate_up_proj = Dense(d, (2, i), axes=("embed", None, "mlp"), **kw)
         self.down_proj = Dense(i, d, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x):
+    def __call__(self, x, decode_step: bool = False):
+        if decode_step:  # few rows: gate|up, the SwiGLU product and down_proj as two Pallas kernels on a GPU
+            from ghostvis_jax.model import skinny_matmul
+
+            (d, _, i), dtype, rows = self.gate_up_proj.kernel.shape, self.gate_up_proj.dtype, x.size // x.shape[-1]
+            if skinny_matmul.applies(rows, d, i, dtype) and skinny_matmul.supported(rows, i, d, dtype):
+                y = skinny_matmul.decode_mlp(x.reshape(rows, d).astype(dtype), use(self.gate_up_proj.kernel, dtype),
+                                             use(self.down_proj.kernel, dtype))
+                return y.reshape(x.shape)
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
@@ -114,7 +122,7 @@ class Qwen2Layer(nnx.Module):
     def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), decode_step=cache is not None and x.shape[1] == 1)
         return x, cache
 
 
