@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 IMPLEMENTATION = "auto"  # tools/benchmark.py --decode-gemm xla sets "xla" (the A/B measurement)
 MAX_ROWS = 64
 AUTO_MIN_ROWS = 16  # "auto" leaves 8 rows (batch 1..8) to XLA: measured no faster there
-_MIN_ROWS = 16  # a Triton dot needs every dim >= 16: fewer rows are padded with zeros
+_DOT_MIN_DIM = 16  # a Triton dot needs every dim >= 16: fewer rows are padded with zeros
 # Launch shapes from the session-9 sweep on an H100 (decode's four GEMMs at 8 and 64 rows; docs/LOG.md).
 BLOCK_N, BLOCK_K, STAGES = 64, 128, 4
 SWIGLU_BLOCK_N, SWIGLU_BLOCK_K, SWIGLU_STAGES = 32, 64, 3
@@ -80,7 +80,7 @@ def applies(rows: int, k: int, n: int, dtype) -> bool:
 
 
 def _padded_rows(rows: int) -> int:
-    return max(_MIN_ROWS, pl.next_power_of_2(rows))
+    return max(_DOT_MIN_DIM, pl.next_power_of_2(rows))
 
 
 def _call(x, w, *, swiglu: bool, splits: int, name: str):
