@@ -9,10 +9,10 @@ measurement with the peer's fields, so tools/bench_compare.py can print ratios f
 Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen, --chunk (loss chunk size),
 --unroll (decode steps per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k,
 --decode-warps/--decode-stages, --decode-splits (programs per row and kv head of the decode step), --decode-gemm
-(the decode step's few-row GEMM kernels or XLA), --swiglu-grad
-(the SwiGLU backward's Pallas kernel or XLA), --vision-epilogue (SigLIP's fused-epilogue matmul or XLA),
---compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where the GPU time goes,
-tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
+(the decode step's few-row GEMM kernels or XLA), --swiglu-grad (the SwiGLU backward's Pallas kernel or XLA),
+--vision-epilogue (SigLIP's fused-epilogue matmul or XLA), --compute-dtype and --losses --lr (the bf16 vs float32
+numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the
+tool on a CPU).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def bench_generate(args) -> None:
     from flax import nnx
 
     from ghostvis_jax.generate.decoding import Decoder, Sampling, decode
-    from ghostvis_jax.model import decode_attention
+    from ghostvis_jax.model import decode_attention, skinny_matmul
     from ghostvis_jax.model.vlm import GhostVisModel
 
     mcfg = model_config(args)
@@ -193,8 +193,6 @@ def bench_generate(args) -> None:
         decode_attention.MAX_BLOCK_K = args.decode_block_k
         decode_attention.BLOCK_BYTES = args.decode_block_k * mcfg.llm.head_dim * 2
     decode_attention.FORCE_SPLITS = args.decode_splits
-    from ghostvis_jax.model import skinny_matmul
-
     skinny_matmul.IMPLEMENTATION = args.decode_gemm
     if args.decode_warps or args.decode_stages:
         decode_attention.NUM_WARPS = args.decode_warps or decode_attention.NUM_WARPS

@@ -104,7 +104,7 @@ class Qwen2MLP(nnx.Module):
             from ghostvis_jax.model import skinny_matmul
 
             (d, _, i), dtype, rows = self.gate_up_proj.kernel.shape, self.gate_up_proj.dtype, x.size // x.shape[-1]
-            if skinny_matmul.applies(rows, d, i, dtype) and skinny_matmul.supported(rows, i, d, dtype):
+            if skinny_matmul.mlp_applies(rows, d, i, dtype):
                 y = skinny_matmul.decode_mlp(x.reshape(rows, d).astype(dtype), use(self.gate_up_proj.kernel, dtype),
                                              use(self.down_proj.kernel, dtype))
                 return y.reshape(x.shape)

@@ -79,6 +79,11 @@ def applies(rows: int, k: int, n: int, dtype) -> bool:
     return jax.sharding.get_abstract_mesh().empty and supported(rows, k, n, dtype)
 
 
+def mlp_applies(rows: int, hidden: int, width: int, dtype) -> bool:
+    """`applies` for `decode_mlp`: both of its GEMMs, [hidden → 2 × width] and [width → hidden]."""
+    return applies(rows, hidden, width, dtype) and supported(rows, width, hidden, dtype)
+
+
 def _padded_rows(rows: int) -> int:
     return max(_DOT_MIN_DIM, pl.next_power_of_2(rows))
 

@@ -70,6 +70,10 @@ def test_implementation_switch(monkeypatch):
     monkeypatch.setattr(skinny_matmul, "IMPLEMENTATION", "pallas")
     assert skinny_matmul.applies(8, 256, 64, jnp.bfloat16)
     assert not skinny_matmul.applies(65, 256, 64, jnp.bfloat16)
+    # decode_mlp's two GEMMs: an intermediate width of 192 suits gate|up (N) but not down_proj (K, blocks of 128)
+    assert skinny_matmul.mlp_applies(16, 128, 256, jnp.bfloat16)
+    assert skinny_matmul.applies(16, 128, 192, jnp.bfloat16)
+    assert not skinny_matmul.mlp_applies(16, 128, 192, jnp.bfloat16)
     monkeypatch.setattr(skinny_matmul, "IMPLEMENTATION", "xla")
     assert not skinny_matmul.applies(8, 256, 64, jnp.bfloat16)
 
