@@ -6,6 +6,8 @@ Parameters are stored in `param_dtype` (float32 master weights by default) and c
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,15 +51,18 @@ class Dense(nnx.Module):
         return y
 
     def decode_step(self, x: jax.Array) -> jax.Array:
-        """self(x) for a decode step's few rows: `skinny_matmul`'s kernel where it applies (a GPU, one output
-        dim, no bias), else XLA."""
+        """self(x) for a decode step's few rows: `skinny_matmul`'s kernel where it applies (a GPU; the output dims
+        flattened into one), else XLA."""
         from ghostvis_jax.model import skinny_matmul
 
         rows, (k, *out) = x.size // x.shape[-1], self.kernel.shape
-        if self.bias is not None or len(out) != 1 or not skinny_matmul.applies(rows, k, out[0], self.dtype):
+        n = math.prod(out)
+        if not skinny_matmul.applies(rows, k, n, self.dtype):
             return self(x)
-        y = skinny_matmul.matmul(x.reshape(rows, k).astype(self.dtype), use(self.kernel, self.dtype))
-        return y.reshape(*x.shape[:-1], out[0])
+        bias = None if self.bias is None else use(self.bias, self.dtype).reshape(n)
+        y = skinny_matmul.matmul(x.reshape(rows, k).astype(self.dtype), use(self.kernel, self.dtype).reshape(k, n),
+                                 bias)
+        return y.reshape(*x.shape[:-1], *out)
 
     def fused(self, x: jax.Array, *, activation: str = "none", residual: jax.Array | None = None) -> jax.Array:
         """activation(self(x)) + residual, with the epilogue inside the GEMM where `fused_matmul`'s kernel runs

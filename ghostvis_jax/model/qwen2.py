@@ -55,7 +55,7 @@ class Qwen2Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x)                                         # [B, T, K, G + 2, H]
+        qkv = self.qkv_proj.decode_step(x) if cache is not None and t == 1 else self.qkv_proj(x)  # [B,T,K,G+2,H]
         if cache is not None and self._fused_decode_step(qkv, cache["k"], mask):
             # One kernel: RoPE on q and the new k, both cache writes, attention (the step's key range must be
             # the row's earlier keys and the new token at cache_index, as generate/decoding.py builds it).

@@ -1,16 +1,18 @@
-"""The decode step's MLP and output projection for few rows (≤ 64), as Pallas (Triton) GEMMs.
+"""The decode step's projections for few rows (≤ 64), as Pallas (Triton) GEMMs.
 
 Why: at decode the GEMMs only stream their weights, so what matters is keeping all of an H100's SMs reading.
 XLA's GEMMs at 8-64 rows took 3-5 µs longer than their weight bytes need (docs/LOG.md, eighth session), and the
 decoder MLP paid one more kernel for the SwiGLU product. Here each kernel is many small programs (several per
 SM, so no half-empty last wave): the gate|up GEMM computes `silu(gate) * up` from its float32 accumulators
-and writes only the product, and the other GEMMs split K when their columns alone make too few programs, their
-float32 partial sums added by XLA in the fusion that adds the residual.
+and writes only the product; o_proj and down_proj split K when their columns alone make too few programs, their
+float32 partial sums added by XLA in the fusion that adds the residual; q|k|v does not split K, so its bias goes
+in the epilogue (XLA split it and added the bias in a pass of its own).
 
 Forward only: decode has no gradient. `IMPLEMENTATION` picks the path: "auto" (the kernels on a GPU without a
 mesh from AUTO_MIN_ROWS rows, XLA elsewhere), "pallas" (always; interpreted off a GPU: the tests) or "xla".
-On an H100 the decode step at batch 64 took 2.02-2.06 ms with the kernels against 2.14-2.16 with XLA's GEMMs; at
-8 rows (batch 1) XLA's were as fast or faster (docs/LOG.md, ninth session).
+On an H100 the decode step at batch 64 took 2.02-2.06 ms with the MLP and o_proj kernels against 2.14-2.16 with
+XLA's GEMMs (ninth session), and 1.99-2.04 with the q|k|v kernel too (tenth); at 8 rows (batch 1) XLA's were as
+fast or faster (docs/LOG.md).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ IMPLEMENTATION = "auto"  # tools/benchmark.py --decode-gemm xla sets "xla" (the 
 MAX_ROWS = 64
 AUTO_MIN_ROWS = 16  # "auto" leaves 8 rows (batch 1..8) to XLA: measured no faster there
 _DOT_MIN_DIM = 16  # a Triton dot needs every dim >= 16: fewer rows are padded with zeros
-# Launch shapes from the session-9 sweep on an H100 (decode's four GEMMs at 8 and 64 rows; docs/LOG.md).
+# Launch shapes from the session-9 and -10 sweeps on an H100 (decode's GEMMs at 8-64 rows; docs/LOG.md).
 BLOCK_N, BLOCK_K, STAGES = 64, 128, 4
 SWIGLU_BLOCK_N, SWIGLU_BLOCK_K, SWIGLU_STAGES = 32, 64, 3
+BIAS_BLOCK_N = 32  # with a bias (q|k|v): no K split, so the bias goes in the epilogue; 32 columns per program
 NUM_WARPS = 4
 # K is split until the programs reach about one per SM: 4 splits for o_proj and 5 for down_proj at Qwen2.5-1.5B
 # (24 column blocks each) measured best; 6 and 10 were slower.
@@ -40,9 +43,11 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _kernel(x_ref, w_ref, out_ref, *, block_k: int, swiglu: bool):
-    """x_ref [M, Ks] (this split's K), w_ref [Ks, 2, BN] (gate, up) or [Ks, BN]; out_ref [M, BN]: the SwiGLU
-    product, or the (partial) product in out_ref's dtype."""
+def _kernel(x_ref, w_ref, *refs, block_k: int, swiglu: bool):
+    """x_ref [M, Ks] (this split's K), w_ref [Ks, 2, BN] (gate, up) or [Ks, BN], then an optional bias [BN] and
+    out_ref [M, BN]: the SwiGLU product, or the (partial) product in out_ref's dtype (with the bias: the product
+    rounded, plus the bias, rounded again: XLA's rounding of a dot, then a bias add)."""
+    bias_ref, out_ref = refs if len(refs) == 2 else (None, refs[0])
     rows, k_len = x_ref.shape
     zero = jnp.zeros((rows, w_ref.shape[-1]), jnp.float32)
 
@@ -55,6 +60,8 @@ def _kernel(x_ref, w_ref, out_ref, *, block_k: int, swiglu: bool):
 
     accs = lax.fori_loop(0, k_len // block_k, body, (zero, zero) if swiglu else (zero,))
     out = accs[0] * jax.nn.sigmoid(accs[0]) * accs[1] if swiglu else accs[0]
+    if bias_ref is not None:
+        out = out.astype(out_ref.dtype).astype(jnp.float32) + bias_ref[...].astype(jnp.float32)[None, :]
     out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -67,8 +74,8 @@ def num_splits(k: int, n: int) -> int:
 
 def supported(rows: int, k: int, n: int, dtype) -> bool:
     """Whether `matmul` (n output columns) or `decode_mlp` (n = the intermediate size) takes these shapes."""
-    return (0 < rows <= MAX_ROWS and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and k % BLOCK_K == 0 and k % SWIGLU_BLOCK_K == 0 and n % BLOCK_N == 0 and n % SWIGLU_BLOCK_N == 0)
+    return (0 < rows <= MAX_ROWS and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and k % BLOCK_K == 0
+            and k % SWIGLU_BLOCK_K == 0 and n % BLOCK_N == 0 and n % SWIGLU_BLOCK_N == 0 and n % BIAS_BLOCK_N == 0)
 
 
 def applies(rows: int, k: int, n: int, dtype) -> bool:
@@ -88,12 +95,12 @@ def _padded_rows(rows: int) -> int:
     return max(_DOT_MIN_DIM, pl.next_power_of_2(rows))
 
 
-def _call(x, w, *, swiglu: bool, splits: int, name: str):
+def _call(x, w, bias=None, *, swiglu: bool, splits: int, name: str):
     """x [M_pad, K] (M_pad a power of 2 >= 16) → [M_pad, N] (one split, x.dtype) or [splits, M_pad, N] float32."""
     rows, k = x.shape
     n = w.shape[-1]
     block_n, block_k, stages = ((SWIGLU_BLOCK_N, SWIGLU_BLOCK_K, SWIGLU_STAGES) if swiglu
-                                else (BLOCK_N, BLOCK_K, STAGES))
+                                else (BLOCK_N if bias is None else BIAS_BLOCK_N, BLOCK_K, STAGES))
     k_split = k // splits
     w_block = (k_split, 2, block_n) if swiglu else (k_split, block_n)
     w_index = (lambda j, s: (s, 0, j)) if swiglu else (lambda j, s: (s, j))
@@ -103,16 +110,17 @@ def _call(x, w, *, swiglu: bool, splits: int, name: str):
     else:
         out_spec = pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j))
         out_shape = jax.ShapeDtypeStruct((splits, rows, n), jnp.float32)
+    bias_specs = [] if bias is None else [pl.BlockSpec((block_n,), lambda j, s: (j,))]
     return pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, swiglu=swiglu),
         grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec((rows, k_split), lambda j, s: (0, s)), pl.BlockSpec(w_block, w_index)],
+        in_specs=[pl.BlockSpec((rows, k_split), lambda j, s: (0, s)), pl.BlockSpec(w_block, w_index), *bias_specs],
         out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=stages),
         interpret=jax.default_backend() != "gpu",
         name=name,
-    )(x, w)
+    )(x, w, *([] if bias is None else [bias]))
 
 
 def _check(x_shape, dtype, w, n: int, what: str):
@@ -131,11 +139,18 @@ def _matmul_padded(x, w, splits: int | None):
     return out if splits == 1 else out.sum(axis=0).astype(x.dtype)
 
 
-def matmul(x: jax.Array, w: jax.Array, *, splits: int | None = None) -> jax.Array:
-    """x [M, K] @ w [K, N] → [M, N] in x.dtype, float32 accumulation (rounded once after the split-K sum)."""
+def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, splits: int | None = None) -> jax.Array:
+    """x [M, K] @ w [K, N] (+ bias [N]) → [M, N] in x.dtype, float32 accumulation (rounded once after the split-K
+    sum). With a bias K is not split: the bias is added in the kernel, after rounding the product as XLA does."""
     _check(x.shape, x.dtype, w, w.shape[-1], "skinny_matmul.matmul")
     rows = x.shape[0]
-    return _matmul_padded(jnp.pad(x, ((0, _padded_rows(rows) - rows), (0, 0))), w, splits)[:rows]
+    x = jnp.pad(x, ((0, _padded_rows(rows) - rows), (0, 0)))
+    if bias is None:
+        return _matmul_padded(x, w, splits)[:rows]
+    if bias.shape != (w.shape[-1],) or bias.dtype != x.dtype or splits not in (None, 1):
+        raise ValueError(f"skinny_matmul.matmul: bias {bias.shape} {bias.dtype.name} with splits={splits}: a bias "
+                         f"must be [{w.shape[-1]}] {x.dtype.name}, and K is not split with one")
+    return _call(x, w, bias, swiglu=False, splits=1, name="skinny_matmul_bias")[:rows]
 
 
 def decode_mlp(x: jax.Array, gate_up: jax.Array, down: jax.Array, *, splits: int | None = None) -> jax.Array:

@@ -29,6 +29,33 @@ def test_matmul_matches_float32(rows, splits):
     _close(got, x.astype(jnp.float32) @ w.astype(jnp.float32))
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_matmul_with_bias_rounds_like_xla(rows):
+    """The product is rounded, then the bias added and rounded again: what XLA's dot + bias add compute."""
+    rng = np.random.default_rng(rows + 1)
+    x, w, b = _bf16(rng, (rows, 256)), _bf16(rng, (256, 192), 0.1), _bf16(rng, (192,))
+    got = skinny_matmul.matmul(x, w, b)
+    product = (x.astype(jnp.float32) @ w.astype(jnp.float32)).astype(jnp.bfloat16)
+    _close(got, product.astype(jnp.float32) + b.astype(jnp.float32))
+    assert np.abs(np.asarray(got, np.float32) - np.asarray(product, np.float32)).max() > 0.5  # the bias is in
+
+
+def test_dense_decode_step_flattens_fused_outputs_and_bias(monkeypatch):
+    """A q|k|v-like Dense (kernel [D, K, G + 2, H], bias [K, G + 2, H]) through the kernel: XLA's result."""
+    from flax import nnx
+
+    from ghostvis_jax.model.layers import Dense
+
+    monkeypatch.setattr(skinny_matmul, "IMPLEMENTATION", "pallas")
+    dense = Dense(128, (2, 4, 32), use_bias=True, axes=("embed", "kv_heads", None, None), rngs=nnx.Rngs(0),
+                  dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    dense.bias[...] = jax.random.normal(jax.random.key(1), dense.bias.shape, jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(2), (16, 1, 128), jnp.bfloat16)
+    got, want = dense.decode_step(x), dense(x)
+    assert got.shape == want.shape == (16, 1, 2, 4, 32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=2 ** -9)
+
+
 def test_decode_mlp_matches_float32_swiglu():
     rng = np.random.default_rng(0)
     x, gate_up, down = _bf16(rng, (8, 128)), _bf16(rng, (128, 2, 256), 0.1), _bf16(rng, (256, 128), 0.1)
@@ -61,6 +88,11 @@ def test_unsupported_shapes_are_refused_by_name():
     with pytest.raises(ValueError, match=r"expected \[D, 2, I\]"):
         skinny_matmul.decode_mlp(_bf16(rng, (8, 128)), _bf16(rng, (128, 192)), _bf16(rng, (192, 128)))
     assert not skinny_matmul.supported(8, 1536, 100, jnp.bfloat16)
+    x, w = _bf16(rng, (8, 256)), _bf16(rng, (256, 64))
+    with pytest.raises(ValueError, match=r"bias \(64,\) bfloat16 with splits=2"):
+        skinny_matmul.matmul(x, w, _bf16(rng, (64,)), splits=2)
+    with pytest.raises(ValueError, match=r"bias \(32,\)"):
+        skinny_matmul.matmul(x, w, _bf16(rng, (32,)))
 
 
 def test_implementation_switch(monkeypatch):
@@ -79,8 +111,8 @@ def test_implementation_switch(monkeypatch):
 
 
 def test_decoder_steps_through_the_kernels_are_as_close_to_float32_as_xla(monkeypatch):
-    """Decode steps of a bfloat16 Qwen2 decoder with the MLP and o_proj (after the fused attention step) on the
-    kernels: as close to the float32 decoder's hidden states as XLA's bfloat16 GEMMs are, step after step."""
+    """Decode steps of a bfloat16 Qwen2 decoder with q|k|v (+ bias), the MLP and o_proj (after the fused attention
+    step) on the kernels: as close to the float32 decoder's hidden states as XLA's bfloat16 GEMMs are, step after step."""
     from flax import nnx
 
     from ghostvis_jax.config import QwenConfig
@@ -116,6 +148,6 @@ def test_decoder_steps_through_the_kernels_are_as_close_to_float32_as_xla(monkey
     xla = decode_steps(jnp.bfloat16, "xla")
     assert calls == []
     kernels = decode_steps(jnp.bfloat16, "pallas")
-    assert sorted(set(calls)) == ["skinny_matmul", "skinny_swiglu_matmul"]
+    assert sorted(set(calls)) == ["skinny_matmul", "skinny_matmul_bias", "skinny_swiglu_matmul"]
     xla_error, kernel_error = np.abs(xla - reference).max(), np.abs(kernels - reference).max()
     assert 0 < kernel_error <= 1.25 * xla_error, (kernel_error, xla_error)
