@@ -11,7 +11,7 @@ in the epilogue (XLA split it and added the bias in a pass of its own).
 Forward only: decode has no gradient. `IMPLEMENTATION` picks the path: "auto" (the kernels on a GPU without a
 mesh from AUTO_MIN_ROWS rows, XLA elsewhere), "pallas" (always; interpreted off a GPU: the tests) or "xla".
 On an H100 the decode step at batch 64 took 2.02-2.06 ms with the MLP and o_proj kernels against 2.14-2.16 with
-XLA's GEMMs (ninth session), and 1.99-2.04 with the q|k|v kernel too (tenth); at 8 rows (batch 1) XLA's were as
+XLA's GEMMs (ninth session), and 1.98-2.04 with the q|k|v kernel too (tenth); at 8 rows (batch 1) XLA's were as
 fast or faster (docs/LOG.md).
 """
 
