@@ -91,8 +91,10 @@ def mlp_applies(rows: int, hidden: int, width: int, dtype) -> bool:
     return applies(rows, hidden, width, dtype) and supported(rows, width, hidden, dtype)
 
 
-def _padded_rows(rows: int) -> int:
-    return max(_DOT_MIN_DIM, pl.next_power_of_2(rows))
+def _pad_rows(x):
+    """x [M, K] with zero rows appended up to a power of 2 >= _DOT_MIN_DIM (the kernels' row block)."""
+    rows = x.shape[0]
+    return jnp.pad(x, ((0, max(_DOT_MIN_DIM, pl.next_power_of_2(rows)) - rows), (0, 0)))
 
 
 def _call(x, w, bias=None, *, swiglu: bool, splits: int, name: str):
@@ -144,7 +146,7 @@ def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, splits:
     sum). With a bias K is not split: the bias is added in the kernel, after rounding the product as XLA does."""
     _check(x.shape, x.dtype, w, w.shape[-1], "skinny_matmul.matmul")
     rows = x.shape[0]
-    x = jnp.pad(x, ((0, _padded_rows(rows) - rows), (0, 0)))
+    x = _pad_rows(x)
     if bias is None:
         return _matmul_padded(x, w, splits)[:rows]
     if bias.shape != (w.shape[-1],) or bias.dtype != x.dtype or splits not in (None, 1):
@@ -164,6 +166,5 @@ def decode_mlp(x: jax.Array, gate_up: jax.Array, down: jax.Array, *, splits: int
     _check(x.shape, x.dtype, gate_up, width, "skinny_matmul.decode_mlp (gate|up)")
     _check((x.shape[0], width), x.dtype, down, down.shape[-1], "skinny_matmul.decode_mlp (down)")
     rows = x.shape[0]
-    h = _call(jnp.pad(x, ((0, _padded_rows(rows) - rows), (0, 0))), gate_up, swiglu=True, splits=1,
-              name="skinny_swiglu_matmul")
+    h = _call(_pad_rows(x), gate_up, swiglu=True, splits=1, name="skinny_swiglu_matmul")
     return _matmul_padded(h, down, splits)[:rows]
