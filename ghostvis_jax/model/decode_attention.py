@@ -30,7 +30,9 @@ _MIN_BLOCK = 16  # Triton's dot needs every dim >= 16
 MAX_BLOCK_K = 128
 BLOCK_BYTES = 16 * 1024
 NUM_WARPS = 4   # Triton launch shape of both kernels (tools/benchmark.py --decode-warps / --decode-stages)
-NUM_STAGES = 2
+# Cache blocks in flight. At batch 64 (one program per SM) the decode step's kernel took 9.7 µs with 3 against
+# 10.9 with 2 and 10.2 with 4 (H100, docs/LOG.md, eleventh session); at batch 1 (split programs) the same 4.3.
+NUM_STAGES = 3
 # The decode step splits each row's cache blocks over programs until there are about this many in all (at most
 # one split per block): about one wave on an H100's 132 SMs. At batch 1 (8 rows, 16 programs) 6 splits took the
 # step from 1.77 to 1.65-1.69 ms; at batch 64 (128 programs) 4 splits cost 0.5-1% (docs/LOG.md, eighth session).
