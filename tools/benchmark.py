@@ -262,7 +262,8 @@ def main() -> None:
                     help="programs per (row, kv head) of the decode step's attention kernel (0: its own choice; 1: no "
                          "split of the cache range)")
     ap.add_argument("--decode-gemm", default="auto", choices=["auto", "xla", "pallas"],
-                    help="decode step's MLP and o_proj: auto (the few-row Pallas kernels on a GPU), xla, or pallas")
+                    help="decode step's q|k|v, o_proj and MLP: auto (the few-row Pallas kernels on a GPU), xla, or "
+                         "pallas")
     ap.add_argument("--decode-warps", type=int, default=0, help="Triton warps of the decode kernels (0: default)")
     ap.add_argument("--decode-stages", type=int, default=0, help="Triton stages of the decode kernels (0: default)")
     ap.add_argument("--swiglu-grad", default="pallas", choices=["pallas", "xla"],
