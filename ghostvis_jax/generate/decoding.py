@@ -10,8 +10,8 @@ length → half-octave steps 2^k or 3·2^(k-1), so a 192-token prompt is not pad
 the whole cache), and max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated
 calls reuse the compiled functions (greedy and sampling decoding are two programs).
 
-The loop body runs `unroll` decode steps per iteration: a GPU `while` pays a device→host copy of its predicate
-and a fresh launch of the body per iteration, which at batch 1 costs as much as the step's own kernels.
+The loop body runs `unroll` decode steps per iteration (default 1: on an H100 the host stays ahead of the device,
+so the GPU `while`'s per-iteration predicate copy costs nothing measurable; docs/LOG.md, tenth session).
 Steps past max_new_tokens inside the last iteration write only past the returned columns.
 
 Left padding: row b's real tokens sit at the end of the prompt block; `valid` marks them. Positions count
@@ -93,8 +93,7 @@ def _prefill(model, ids, valid, image_embeds, cache_len: int):
     cache = init_kv_cache(model.llm.config, b, cache_len, model.llm.embed_tokens.dtype)
     hidden, cache = model.hidden_states(ids, image_embeds=image_embeds, positions=positions, mask=mask,
                                         cache=cache, cache_index=0)
-    logits = model.llm.logits(hidden[:, -1]).astype(jnp.float32)
-    return cache, logits
+    return cache, model.llm.logits(hidden[:, -1])
 
 
 def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
@@ -115,7 +114,9 @@ def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
     keys_in_view = KeyRange(start=prompt_len - num_valid, end=jnp.broadcast_to(index + 1, num_valid.shape))
     hidden, cache = model.hidden_states(jnp.maximum(token, 0)[:, None], positions=(num_valid + step)[:, None],
                                         mask=keys_in_view, cache=cache, cache_index=index)
-    logits = model.llm.logits(hidden[:, 0]).astype(jnp.float32)
+    # The logits stay in the compute dtype (the head's output dtype): at batch 64 a float32 carry doubles 39 MB
+    # of writes and reads per step, and argmax picks the same token either way. Sampling converts them itself.
+    logits = model.llm.logits(hidden[:, 0])
     return (cache, logits, out, done, step + 1, num_valid, row_keys), token
 
 

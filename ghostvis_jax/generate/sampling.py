@@ -35,6 +35,7 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
 
 
 def sampled_tokens(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """One draw per row from the filtered, temperature-scaled distribution (temperature > 0)."""
-    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    """One draw per row from the filtered, temperature-scaled distribution (temperature > 0). Logits of any
+    dtype are drawn from in float32 (the Gumbel noise takes the logits' dtype)."""
+    scaled = filter_logits(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), top_k, top_p)
     return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)

@@ -1,6 +1,8 @@
 """generate with the KV cache against repeated full forwards, left padding, stops, sampling, streaming, images."""
 
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +11,7 @@ import ghostvis_jax as gv
 from ghostvis_jax.data.chat import render_prompt
 from ghostvis_jax.data.images import ImageDecodeError
 from ghostvis_jax.generate import decoder_for, filter_logits
+from ghostvis_jax.generate.sampling import sampled_tokens
 
 REFERENCE_LEN = 64  # the full-forward reference runs at one padded length, so it compiles once
 
@@ -109,6 +112,35 @@ def test_filter_logits_top_k_and_top_p():
     assert keep(0, 0.5) == [False, False, True, True]    # 0.4 < 0.5, so 0.3 joins
     assert keep(0, 0.75) == [False, True, True, True]
     assert keep(3, 1.0) == [False, True, True, True]
+
+
+def test_sampling_draws_from_bfloat16_logits_as_from_their_float32_values():
+    """The decode loop carries logits in the compute dtype; a draw must not depend on it (the Gumbel noise
+    takes the logits' dtype, so bfloat16 noise would pick other tokens)."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(0, 2, (64, 512)), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(3), 64)
+    from_bf16 = sampled_tokens(logits, keys, 0.7, 0, 1.0)
+    from_f32 = sampled_tokens(logits.astype(jnp.float32), keys, 0.7, 0, 1.0)
+    np.testing.assert_array_equal(from_bf16, from_f32)
+
+
+def test_bfloat16_model_decodes_in_its_own_dtype(tiny_checkpoint):
+    """A bfloat16 model's loop carries bfloat16 logits (half the bytes per step), greedy and sampled; the
+    streamed steps (a jitted step each) pick what the device loop picks."""
+    model = gv.load(tiny_checkpoint, dtype="bfloat16")
+    prompts = ["What is in the picture?", "hi"]
+    for knobs in (dict(), dict(temperature=0.8, top_p=0.9, seed=4)):
+        plain = model.generate(prompts, max_new_tokens=6, stop=[], return_tokens=True, **knobs)
+        streamed = model.generate(prompts, max_new_tokens=6, stop=[], return_tokens=True,
+                                  stream=lambda row, text: None, **knobs)
+        assert [g.token_ids for g in streamed] == [g.token_ids for g in plain]
+        assert all(len(g.token_ids) == 6 for g in plain)
+    decoder = decoder_for(model)
+    ids = jnp.ones((1, 16), jnp.int32)
+    images = jnp.zeros((1, model.config.num_image_tokens, model.config.llm.hidden_size), jnp.float32)
+    _, logits = decoder.jitted.prefill(decoder.leaves, ids, jnp.ones((1, 16), bool), images, cache_len=32)
+    assert logits.dtype == jnp.bfloat16
 
 
 def test_streaming_gives_the_same_text_as_the_device_loop(model):
