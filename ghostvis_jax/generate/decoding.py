@@ -10,9 +10,11 @@ length → half-octave steps 2^k or 3·2^(k-1), so a 192-token prompt is not pad
 the whole cache), and max_new_tokens, temperature, top-k, top-p and the seed are traced values, so repeated
 calls reuse the compiled functions (greedy and sampling decoding are two programs).
 
-The loop body runs `unroll` decode steps per iteration (default 1: on an H100 the host stays ahead of the device,
-so the GPU `while`'s per-iteration predicate copy costs nothing measurable; docs/LOG.md, tenth session).
-Steps past max_new_tokens inside the last iteration write only past the returned columns.
+The loop body runs `unroll` decode steps per iteration. Each iteration of a GPU `while` copies its predicate to
+the host, and the device then waits for the host's next launches (1-5% of a step at batch 64 on an H100,
+docs/LOG.md, twelfth session); unrolling pays that once per `unroll` steps, at the price of up to unroll - 1
+steps run after every row has stopped. Steps past max_new_tokens inside the last iteration write only past the
+returned columns.
 
 Left padding: row b's real tokens sit at the end of the prompt block; `valid` marks them. Positions count
 from 0 at each row's first real token; a query attends to valid keys at or before it. Padded queries attend
@@ -161,7 +163,10 @@ def _jitted(graphdef, treedef, unroll: int) -> _Jitted:  # shared by every loade
     return _Jitted(graphdef, treedef, unroll)
 
 
-DEFAULT_UNROLL = 1  # measured: 4 steps per iteration gained 3% at batch 1 on an H100 (docs/LOG.md)
+# 4 steps per iteration measured 1-5% faster per step on an H100 (one host round trip per iteration instead of
+# per step; docs/LOG.md, twelfth session), but run up to 3 steps for nothing once every row has stopped: as much
+# as they save on the short answers of an eval. A knob for long generations.
+DEFAULT_UNROLL = 1
 
 
 class Decoder:
