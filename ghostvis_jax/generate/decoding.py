@@ -1,9 +1,10 @@
 """Batched decoding over a fixed-size KV cache.
 
 One jitted prefill writes the left-padded prompts (text + image embeddings in their slots) into the cache;
-then one jitted `lax.while_loop` samples a token, feeds it back, and stops when every row has produced a stop
-token or `max_new_tokens` is reached. Streaming runs the same step as a jitted function from Python instead,
-one host round-trip per token.
+then one jitted loop picks the first token from the prefill's logits and, in a `lax.while_loop`, runs the last
+token through the decoder and picks the next, until every row has produced a stop token or `max_new_tokens`
+tokens exist. It stops right after a pick, so n tokens cost n - 1 decoder steps (a 2-token answer, one).
+Streaming runs the same pieces as jitted functions from Python instead, one host round-trip per token.
 
 Shapes are bucketed (batch → powers of two from MIN_DECODE_ROWS, image count → powers of two; prompt and cache
 length → half-octave steps 2^k or 3·2^(k-1), so a 192-token prompt is not padded to 256: the decode step reads
@@ -98,28 +99,40 @@ def _prefill(model, ids, valid, image_embeds, cache_len: int):
     return cache, model.llm.logits(hidden[:, -1])
 
 
-def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
-    """Pick one token per row from `logits` (argmax, or a draw when not `greedy`), record it, and run it through
-    the decoder. Greedy is static: a traced choice would be a `lax.cond`, whose predicate the GPU reads back to
-    the host every step."""
-    cache, logits, out, done, step, num_valid, row_keys = carry
+def _choose(logits, out, done, step, row_keys, sampling, stop_ids, greedy: bool):
+    """Token `step` of every row from `logits` (argmax, or a draw when not `greedy`; -1 for finished rows),
+    recorded in `out`; rows that produced a stop token are done. Greedy is static: a traced choice would be a
+    `lax.cond`, whose predicate the GPU reads back to the host every step."""
     if greedy:
         token = greedy_tokens(logits)
     else:
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
         token = sampled_tokens(logits, keys, *sampling)
     token = jnp.where(done, -1, token)
-    out = out.at[:, step].set(token)
-    done = done | jnp.isin(token, stop_ids)
-    index = prompt_len + step
+    return token, out.at[:, step].set(token), done | jnp.isin(token, stop_ids)
+
+
+def _first(start, logits, sampling, stop_ids, greedy: bool):
+    """The first token, from the prefill's logits: the loop's carry."""
+    cache, out, done, num_valid, row_keys = start
+    token, out, done = _choose(logits, out, done, 0, row_keys, sampling, stop_ids, greedy)
+    return (cache, token, out, done, jnp.int32(1), num_valid, row_keys), token
+
+
+def _step(model, carry, sampling, stop_ids, prompt_len, greedy: bool):
+    """Run the last token through the decoder and pick the next one from its logits. The loop stops right after
+    a pick, so no call runs the decoder on a token whose logits would go unused (its last one, or a stop)."""
+    cache, token, out, done, step, num_valid, row_keys = carry
+    index = prompt_len + step - 1  # the last token's cache slot
     # A row's keys are contiguous: its left-padded prompt's real tokens, then every token decoded so far.
     keys_in_view = KeyRange(start=prompt_len - num_valid, end=jnp.broadcast_to(index + 1, num_valid.shape))
-    hidden, cache = model.hidden_states(jnp.maximum(token, 0)[:, None], positions=(num_valid + step)[:, None],
+    hidden, cache = model.hidden_states(jnp.maximum(token, 0)[:, None], positions=(num_valid + step - 1)[:, None],
                                         mask=keys_in_view, cache=cache, cache_index=index)
     # The logits stay in the compute dtype (the head's output dtype): argmax picks the same token, and a float32
-    # carry would double the [B, V] buffer (no step-time effect measured at batch 64). Sampling converts them.
+    # copy would double the [B, V] buffer (no step-time effect measured at batch 64). Sampling converts them.
     logits = model.llm.logits(hidden[:, 0])
-    return (cache, logits, out, done, step + 1, num_valid, row_keys), token
+    token, out, done = _choose(logits, out, done, step, row_keys, sampling, stop_ids, greedy)
+    return (cache, token, out, done, step + 1, num_valid, row_keys), token
 
 
 class _Jitted:
@@ -133,8 +146,9 @@ class _Jitted:
         self.prefill = jax.jit(lambda leaves, ids, valid, images, cache_len: _prefill(
             model(leaves), ids, valid, images, cache_len), static_argnames=("cache_len",))
 
-        # prompt_len and max_new_tokens are traced: the loop compiles once per (batch, cache length).
-        def loop(leaves, carry, max_new_tokens, sampling, stop_ids, prompt_len, greedy):
+        # prompt_len and max_new_tokens are traced: the loop compiles once per (batch, cache length). `start` (the
+        # cache, out, done, ...) is donated; the prefill's logits are not (no output has their shape).
+        def loop(leaves, start, logits, max_new_tokens, sampling, stop_ids, prompt_len, greedy):
             def cond(c):
                 return (c[4] < max_new_tokens) & ~jnp.all(c[3])
 
@@ -144,9 +158,10 @@ class _Jitted:
                     c = _step(m, c, sampling, stop_ids, prompt_len, greedy)[0]
                 return c
 
-            return jax.lax.while_loop(cond, body, carry)
+            return jax.lax.while_loop(cond, body, _first(start, logits, sampling, stop_ids, greedy)[0])
 
-        self.loop = jax.jit(loop, donate_argnames=("carry",), static_argnames=("greedy",))
+        self.loop = jax.jit(loop, donate_argnames=("start",), static_argnames=("greedy",))
+        self.first = jax.jit(_first, donate_argnames=("start",), static_argnames=("greedy",))
         self.step = jax.jit(lambda leaves, carry, sampling, stop_ids, prompt_len, greedy: _step(
             model(leaves), carry, sampling, stop_ids, prompt_len, greedy), donate_argnames=("carry",),
             static_argnames=("greedy",))
@@ -238,7 +253,7 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
     num_valid[:prefill_rows] = valid.sum(axis=1)
     num_valid = jnp.asarray(num_valid)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
-    carry = (cache, logits, out, done, jnp.int32(0), num_valid, row_keys)
+    start = (cache, out, done, num_valid, row_keys)
     stop_list = list(stop_ids)
     stops = np.full(bucket(len(stop_list), 4), -2, np.int32)  # -2 never matches; fixed length, fewer compiles
     stops[: len(stop_list)] = stop_list
@@ -246,10 +261,13 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
     knobs, prompt_len_arr = sampling.arrays(), jnp.int32(prompt_len)
     greedy = sampling.temperature <= 0
     if on_step is None:
-        carry = fns.loop(leaves, carry, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr, greedy=greedy)
+        carry = fns.loop(leaves, start, logits, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr,
+                         greedy=greedy)
     else:
-        for _ in range(max_new_tokens):
-            carry, token = fns.step(leaves, carry, knobs, stops, prompt_len_arr, greedy=greedy)
+        carry, token = fns.first(start, logits, knobs, stops, greedy=greedy)
+        for i in range(max_new_tokens):
+            if i:
+                carry, token = fns.step(leaves, carry, knobs, stops, prompt_len_arr, greedy=greedy)
             tokens, done_now = jax.device_get((token, carry[3]))
             on_step(tokens[:n], done_now[:n])
             if done_now[:n].all():

@@ -152,6 +152,37 @@ def test_streaming_gives_the_same_text_as_the_device_loop(model):
     assert ["".join(pieces.get(r, [])) for r in range(2)] == plain
 
 
+def test_n_tokens_cost_n_minus_1_decoder_steps(model, monkeypatch):
+    """The first token comes from the prefill's logits, and decoding stops right after a pick: no decoder step
+    runs on a token whose logits nobody reads (the last one, or a stop). Counted on the streaming path, whose
+    steps are calls from Python; the loop runs the same pieces."""
+    from ghostvis_jax.generate.decoding import Sampling, decode
+
+    fns = decoder_for(model).jitted
+    calls = []
+    real_step = fns.step
+    monkeypatch.setattr(fns, "step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    decoder, prompts = decoder_for(model), [[5, 6, 7, 8, 9], [10, 11]]
+
+    def run(max_new, stops=()):
+        calls.clear()
+        out = decode(decoder, model.config, prompts, None, max_new_tokens=max_new, sampling=Sampling(),
+                     stop_ids=list(stops), on_step=lambda tokens, done: None)
+        return out, len(calls)
+
+    free, steps = run(5)
+    assert steps == 4 and all(len(d.tokens) == 5 for d in free)
+    assert run(1)[1] == 0
+    looped = decode(decoder, model.config, prompts, None, max_new_tokens=5, sampling=Sampling(), stop_ids=[])
+    assert [d.tokens for d in looped] == [d.tokens for d in free]
+    # Row 1 stops at its first token (from the prefill), row 0 at its second: one decoder step, not two.
+    stops = {free[0].tokens[1], free[1].tokens[0]}
+    assert free[0].tokens[0] not in stops  # the tiny model's tokens make this case
+    stopped, steps = run(5, stops)
+    assert [(d.tokens, d.finish_reason) for d in stopped] == [(free[0].tokens[:1], "stop"), ([], "stop")]
+    assert steps == 1
+
+
 def test_image_embedding_cache_counts_hits_by_content(model):
     model.image_cache.clear()
     img = images(1, seed=5)[0]
