@@ -115,8 +115,8 @@ def test_filter_logits_top_k_and_top_p():
 
 
 def test_sampling_draws_from_bfloat16_logits_as_from_their_float32_values():
-    """The decode loop carries logits in the compute dtype; a draw must not depend on it (the Gumbel noise
-    takes the logits' dtype, so bfloat16 noise would pick other tokens)."""
+    """Decoding picks from logits in the compute dtype; a draw must not depend on it (the Gumbel noise takes
+    the logits' dtype, so bfloat16 noise would pick other tokens)."""
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(0, 2, (64, 512)), jnp.bfloat16)
     keys = jax.random.split(jax.random.key(3), 64)
@@ -126,8 +126,8 @@ def test_sampling_draws_from_bfloat16_logits_as_from_their_float32_values():
 
 
 def test_bfloat16_model_decodes_in_its_own_dtype(tiny_checkpoint):
-    """A bfloat16 model's loop carries bfloat16 logits (half the bytes per step), greedy and sampled; the
-    streamed steps (a jitted step each) pick what the device loop picks."""
+    """A bfloat16 model decodes in its own dtype: the prefill hands over bfloat16 logits (no float32 copy), and
+    greedy and sampled decoding through the streamed steps pick what the device loop picks."""
     model = gv.load(tiny_checkpoint, dtype="bfloat16")
     prompts = ["What is in the picture?", "hi"]
     for knobs in (dict(), dict(temperature=0.8, top_p=0.9, seed=4)):
