@@ -12,9 +12,8 @@ the whole cache), and max_new_tokens, temperature, top-k, top-p and the seed are
 calls reuse the compiled functions (greedy and sampling decoding are two programs).
 
 The loop body runs `unroll` decode steps per iteration. Each iteration of a GPU `while` copies its predicate to
-the host, and the device then waits for the host's next launches (1-5% of a step at batch 64 on an H100,
-docs/LOG.md, twelfth session); unrolling pays that once per `unroll` steps, at the price of up to unroll - 1
-steps run after every row has stopped. Steps past max_new_tokens inside the last iteration write only past the
+the host, and the device then waits for the host's next launches; unrolling pays that once per `unroll` steps,
+at the price of up to unroll - 1 steps run after every row has stopped (docs/LOG.md, twelfth session). Steps past max_new_tokens inside the last iteration write only past the
 returned columns.
 
 Left padding: row b's real tokens sit at the end of the prompt block; `valid` marks them. Positions count
@@ -177,9 +176,9 @@ def _jitted(graphdef, treedef, unroll: int) -> _Jitted:  # shared by every loade
     return _Jitted(graphdef, treedef, unroll)
 
 
-# 4 steps per iteration measured 1-5% faster per step on an H100 (one host round trip per iteration instead of
-# per step; docs/LOG.md, twelfth session), but run up to 3 steps for nothing once every row has stopped: as much
-# as they save on the short answers of an eval. A knob for long generations.
+# 4 steps per iteration: 1-5% faster per step at batch 64 on an H100 when steps began with the argmax, within run
+# spread once they end with it (docs/LOG.md, twelfth session); and up to 3 steps run for nothing once every row
+# has stopped. A knob.
 DEFAULT_UNROLL = 1
 
 
