@@ -75,7 +75,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def arrays(self):
-        return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
+        """The knobs as numpy scalars: jitted calls take them as traced values, with no eager op per call."""
+        return (np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p))
 
 
 @dataclasses.dataclass
@@ -111,9 +112,12 @@ def _choose(logits, out, done, step, row_keys, sampling, stop_ids, greedy: bool)
     return token, out.at[:, step].set(token), done | jnp.isin(token, stop_ids)
 
 
-def _first(start, logits, sampling, stop_ids, greedy: bool):
-    """The first token, from the prefill's logits: the loop's carry."""
-    cache, out, done, num_valid, row_keys = start
+def _first(cache, logits, done, num_valid, seed_key, sampling, stop_ids, greedy: bool):
+    """The first token, from the prefill's logits: the loop's carry. Built inside the jit, so a call pays no
+    eager ops for it (a host-side vmap of fold_in alone took ~1 ms per call)."""
+    batch, cache_len = done.shape[0], cache[0]["k"].shape[1]
+    out = jnp.full((batch, cache_len), -1, jnp.int32)  # only the first max_new_tokens columns are used
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key, jnp.arange(batch))
     token, out, done = _choose(logits, out, done, 0, row_keys, sampling, stop_ids, greedy)
     return (cache, token, out, done, jnp.int32(1), num_valid, row_keys), token
 
@@ -144,9 +148,10 @@ class _Jitted:
         self.prefill = jax.jit(lambda leaves, ids, valid, images, cache_len: _prefill(
             model(leaves), ids, valid, images, cache_len), static_argnames=("cache_len",))
 
-        # prompt_len and max_new_tokens are traced: the loop compiles once per (batch, cache length). `start` (the
-        # cache, out, done, ...) is donated; the prefill's logits are not (no output has their shape).
-        def loop(leaves, start, logits, max_new_tokens, sampling, stop_ids, prompt_len, greedy):
+        # prompt_len and max_new_tokens are traced: the loop compiles once per (batch, cache length). The cache is
+        # donated; the prefill's logits are not (no output has their shape).
+        def loop(leaves, cache, logits, done, num_valid, seed_key, max_new_tokens, sampling, stop_ids, prompt_len,
+                 greedy):
             def cond(c):
                 return (c[4] < max_new_tokens) & ~jnp.all(c[3])
 
@@ -156,10 +161,11 @@ class _Jitted:
                     c = _step(m, c, sampling, stop_ids, prompt_len, greedy)[0]
                 return c
 
-            return jax.lax.while_loop(cond, body, _first(start, logits, sampling, stop_ids, greedy)[0])
+            carry = _first(cache, logits, done, num_valid, seed_key, sampling, stop_ids, greedy)[0]
+            return jax.lax.while_loop(cond, body, carry)
 
-        self.loop = jax.jit(loop, donate_argnames=("start",), static_argnames=("greedy",))
-        self.first = jax.jit(_first, donate_argnames=("start",), static_argnames=("greedy",))
+        self.loop = jax.jit(loop, donate_argnames=("cache",), static_argnames=("greedy",))
+        self.first = jax.jit(_first, donate_argnames=("cache",), static_argnames=("greedy",))
         self.step = jax.jit(lambda leaves, carry, sampling, stop_ids, prompt_len, greedy: _step(
             model(leaves), carry, sampling, stop_ids, prompt_len, greedy), donate_argnames=("carry",),
             static_argnames=("greedy",))
@@ -169,6 +175,11 @@ class _Jitted:
 def _widen(arrays, rows: int):
     """Zero rows appended to every array (axis 0) up to `rows`: the prefill's cache and logits → the loop's."""
     return jax.tree.map(lambda a: jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), arrays)
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_key(seed: int) -> jax.Array:
+    return jax.random.key(seed)
 
 
 @functools.lru_cache(maxsize=8)
@@ -234,7 +245,7 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
     pad_id = 0 if config.image_token_id != 0 else 1
     ids, valid = left_pad(prompts, prefill_rows, prompt_len, pad_id)
     if image_embeds is None:
-        image_embeds = jnp.zeros((1, config.num_image_tokens, config.llm.hidden_size), jnp.float32)
+        image_embeds = np.zeros((1, config.num_image_tokens, config.llm.hidden_size), np.float32)
     image_embeds = jnp.asarray(image_embeds, jnp.float32)  # one dtype, one compile; the scatter casts it
     num_images = image_embeds.shape[0]
     padded_images = bucket(num_images)
@@ -242,27 +253,23 @@ def decode(decoder: Decoder, config, prompts: Sequence[Sequence[int]], image_emb
         image_embeds = jnp.pad(image_embeds, ((0, padded_images - num_images), (0, 0), (0, 0)))
 
     fns, leaves = decoder.jitted, decoder.leaves
-    cache, logits = fns.prefill(leaves, jnp.asarray(ids), jnp.asarray(valid), image_embeds, cache_len=cache_len)
+    # Host-side arrays go into the jitted calls as numpy: an eager jnp op costs a dispatch each.
+    cache, logits = fns.prefill(leaves, ids, valid, image_embeds, cache_len=cache_len)
     if batch > prefill_rows:  # rows added for the loop's sake: a zero cache, done from the start
         cache, logits = _widen((cache, logits), rows=batch)
-    out = jnp.full((batch, cache_len), -1, jnp.int32)  # only the first max_new_tokens columns are used
-    done = jnp.asarray(np.arange(batch) >= n)
+    done = np.arange(batch) >= n
     num_valid = np.ones(batch, np.int32)  # a padding row: one valid position, as left_pad makes them
     num_valid[:prefill_rows] = valid.sum(axis=1)
-    num_valid = jnp.asarray(num_valid)
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(sampling.seed), jnp.arange(batch))
-    start = (cache, out, done, num_valid, row_keys)
     stop_list = list(stop_ids)
     stops = np.full(bucket(len(stop_list), 4), -2, np.int32)  # -2 never matches; fixed length, fewer compiles
     stops[: len(stop_list)] = stop_list
-    stops = jnp.asarray(stops)
-    knobs, prompt_len_arr = sampling.arrays(), jnp.int32(prompt_len)
+    knobs, prompt_len_arr, seed_key = sampling.arrays(), np.int32(prompt_len), _seed_key(sampling.seed)
     greedy = sampling.temperature <= 0
     if on_step is None:
-        carry = fns.loop(leaves, start, logits, jnp.int32(max_new_tokens), knobs, stops, prompt_len_arr,
-                         greedy=greedy)
+        carry = fns.loop(leaves, cache, logits, done, num_valid, seed_key, np.int32(max_new_tokens), knobs, stops,
+                         prompt_len_arr, greedy=greedy)
     else:
-        carry, token = fns.first(start, logits, knobs, stops, greedy=greedy)
+        carry, token = fns.first(cache, logits, done, num_valid, seed_key, knobs, stops, greedy=greedy)
         for i in range(max_new_tokens):
             if i:
                 carry, token = fns.step(leaves, carry, knobs, stops, prompt_len_arr, greedy=greedy)
