@@ -13,8 +13,8 @@ calls reuse the compiled functions (greedy and sampling decoding are two program
 
 The loop body runs `unroll` decode steps per iteration. Each iteration of a GPU `while` copies its predicate to
 the host, and the device then waits for the host's next launches; unrolling pays that once per `unroll` steps,
-at the price of up to unroll - 1 steps run after every row has stopped (docs/LOG.md, twelfth session). Steps past max_new_tokens inside the last iteration write only past the
-returned columns.
+at the price of up to unroll - 1 steps run after every row has stopped (docs/LOG.md, twelfth session). Steps
+past max_new_tokens inside the last iteration write only past the returned columns.
 
 Left padding: row b's real tokens sit at the end of the prompt block; `valid` marks them. Positions count
 from 0 at each row's first real token; a query attends to valid keys at or before it. Padded queries attend

@@ -158,11 +158,10 @@ def test_n_tokens_cost_n_minus_1_decoder_steps(model, monkeypatch):
     steps are calls from Python; the loop runs the same pieces."""
     from ghostvis_jax.generate.decoding import Sampling, decode
 
-    fns = decoder_for(model).jitted
-    calls = []
-    real_step = fns.step
-    monkeypatch.setattr(fns, "step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     decoder, prompts = decoder_for(model), [[5, 6, 7, 8, 9], [10, 11]]
+    calls = []
+    real_step = decoder.jitted.step
+    monkeypatch.setattr(decoder.jitted, "step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
 
     def run(max_new, stops=()):
         calls.clear()
