@@ -10,7 +10,8 @@ Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen,
 --unroll (decode steps per loop iteration), --decode-attn (Pallas decode kernel or XLA), --decode-block-k,
 --decode-warps/--decode-stages, --decode-splits (programs per row and kv head of the decode step), --decode-gemm
 (the decode step's few-row GEMM kernels or XLA), --swiglu-grad (the SwiGLU backward's Pallas kernel or XLA),
---vision-epilogue (SigLIP's fused-epilogue matmul or XLA), --compute-dtype and --losses --lr (the bf16 vs float32
+--vision-epilogue (SigLIP's fused-epilogue matmul or XLA), --vision-norm (SigLIP's residual add + LayerNorm kernel or
+XLA), --compute-dtype and --losses --lr (the bf16 vs float32
 numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the
 tool on a CPU).
 """
@@ -144,10 +145,11 @@ def bench_train(args, stage: str) -> None:
 def bench_vision(args) -> None:
     from flax import nnx
 
-    from ghostvis_jax.model import fused_matmul
+    from ghostvis_jax.model import fused_matmul, residual_norm
     from ghostvis_jax.model.siglip import SiglipVisionTower
 
     fused_matmul.USE_KERNEL_ON_GPU = args.vision_epilogue != "xla"
+    residual_norm.USE_KERNEL_ON_GPU = args.vision_norm == "pallas"
     fused_matmul.KERNEL_RESIDUAL = args.vision_epilogue == "pallas"
     vcfg = model_config(args).vision if args.tiny else preset(vision=VISION[args.vision]).vision
     tower = SiglipVisionTower(vcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -165,7 +167,7 @@ def bench_vision(args) -> None:
     fl = vision_flops_per_image(vcfg) * args.batch / dt
     emit(bench="vision", vision=args.vision, batch=args.batch, step_ms=round(dt * 1e3, 2),
          images_per_s=round(args.batch / dt), tflops=round(fl / 1e12, 1), mfu=round(fl / PEAK_BF16_FLOPS, 4),
-         vision_epilogue=args.vision_epilogue, device=jax.devices()[0].device_kind)
+         vision_epilogue=args.vision_epilogue, vision_norm=args.vision_norm, device=jax.devices()[0].device_kind)
 
 
 def bench_generate(args) -> None:
@@ -270,6 +272,8 @@ def main() -> None:
                     help="SwiGLU backward: the one-pass Pallas kernel (GPU) or XLA's fusion of the same math")
     ap.add_argument("--vision-epilogue", default="pallas", choices=["pallas", "pallas-nores", "xla"],
                     help="SigLIP projections: the fused-epilogue Mosaic GPU matmul (Hopper) or XLA's GEMM + passes")
+    ap.add_argument("--vision-norm", default="pallas", choices=["pallas", "xla"],
+                    help="SigLIP's residual add + LayerNorm: one Pallas (Triton) pass on a GPU, or XLA's fusions")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the tool itself)")
     ap.add_argument("--profile", help="also trace 2 train steps / a 64-token decode into this folder and "
                                        "print the GPU time summary (tools/trace_summary.py)")

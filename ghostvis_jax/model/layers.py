@@ -101,6 +101,15 @@ class RMSNorm(nnx.Module):
         return use(self.scale, self.dtype) * x32.astype(self.dtype)
 
 
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
+    """LayerNorm over the last dim: statistics and the affine map in float32, one rounding to `dtype`."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, statistics in float32."""
 
@@ -111,8 +120,11 @@ class LayerNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * use(self.scale, jnp.float32) + use(self.bias, jnp.float32)).astype(self.dtype)
+        return layer_norm(x, use(self.scale, jnp.float32), use(self.bias, jnp.float32), self.eps, self.dtype)
+
+    def add_and_norm(self, x: jax.Array, update: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(x + update, self(x + update)), update optional: one Pallas pass on a GPU (model/residual_norm.py)."""
+        from ghostvis_jax.model.residual_norm import add_layer_norm
+
+        return add_layer_norm(x, update, use(self.scale, jnp.float32), use(self.bias, jnp.float32), eps=self.eps,
+                              dtype=self.dtype)

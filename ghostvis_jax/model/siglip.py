@@ -31,7 +31,9 @@ class SiglipAttention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
         self.attn_impl: str | None = None
 
-    def __call__(self, x, residual=None):
+    def __call__(self, x, residual):
+        """→ (residual + out_proj(attention(x)), None), or (residual, out_proj(...)) where the add is left to the
+        next LayerNorm (`_with_residual`)."""
         b, p, d = x.shape
         split = lambda y: y.reshape(b, p, self.num_heads, self.head_dim)
         # k and v read x through a barrier, so no two projections share an operand: XLA's GPU dot merger would
@@ -40,7 +42,19 @@ class SiglipAttention(nnx.Module):
         xk, xv = jax.lax.optimization_barrier((x, x))
         out = attention(split(self.q_proj.fused(x)), split(self.k_proj.fused(xk)), split(self.v_proj.fused(xv)),
                         causal=False, implementation=self.attn_impl)
-        return self.out_proj.fused(out.reshape(b, p, d), residual=residual)
+        dense = self.out_proj
+        return _with_residual(out.reshape(b, p, d), use(dense.kernel, dense.dtype), use(dense.bias, dense.dtype),
+                              residual)
+
+
+def _with_residual(h, w, bias, residual):
+    """An output projection and its residual: (residual + h @ w + bias, None) when the fused matmul adds the
+    residual in its epilogue, else (residual, h @ w + bias), leaving the add to the next LayerNorm's pass
+    (`LayerNorm.add_and_norm`): XLA would run it as a pass of its own (So400m's width 1152, docs/LOG.md)."""
+    m, (k, n) = math.prod(h.shape[:-1]), w.shape
+    if fused_matmul.uses_kernel(m, k, n, w.dtype, residual=True):
+        return fused_matmul.fused_matmul(h.astype(w.dtype), w, bias, residual), None
+    return residual, fused_matmul.fused_matmul(h.astype(w.dtype), w, bias)
 
 
 class SiglipMLP(nnx.Module):
@@ -49,18 +63,21 @@ class SiglipMLP(nnx.Module):
         self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
         self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x, residual=None):
+    def __call__(self, x, residual):
+        """→ (residual + mlp(x), None), or (residual, mlp(x)) where the add is left to the next LayerNorm."""
         width, dtype = self.fc1.kernel.shape[1], self.fc1.dtype
         pad = fused_matmul.padded_width(width) - width
+        w2 = use(self.fc2.kernel, dtype)
         if pad and fused_matmul.uses_kernel(math.prod(x.shape[:-1]), x.shape[-1], width + pad, dtype):
             # So400m's width 4304 is no whole number of kernel tiles: zero columns of fc1 (GELU(0) = 0) meet
             # zero rows of fc2, so the result is unchanged and fc1 with its GELU runs in the fused kernel.
             w1 = jnp.pad(use(self.fc1.kernel, dtype), ((0, 0), (0, pad)))
             b1 = jnp.pad(use(self.fc1.bias, dtype), (0, pad))
-            w2 = jnp.pad(use(self.fc2.kernel, dtype), ((0, pad), (0, 0)))
+            w2 = jnp.pad(w2, ((0, pad), (0, 0)))
             h = fused_matmul.fused_matmul(x.astype(dtype), w1, b1, activation="gelu_tanh")
-            return fused_matmul.fused_matmul(h, w2, use(self.fc2.bias, dtype), residual)
-        return self.fc2.fused(self.fc1.fused(x, activation="gelu_tanh"), residual=residual)
+        else:
+            h = self.fc1.fused(x, activation="gelu_tanh")
+        return _with_residual(h, w2, use(self.fc2.bias, dtype), residual)
 
 
 class SiglipEncoderLayer(nnx.Module):
@@ -71,10 +88,13 @@ class SiglipEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
         self.mlp = SiglipMLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x):
-        # The residual adds run inside the output projections' epilogues (model/fused_matmul.py).
-        x = self.self_attn(self.layer_norm1(x), residual=x)
-        return self.mlp(self.layer_norm2(x), residual=x)
+    def __call__(self, x, update=None):
+        """The layer's input is x + update, and so is its output: `update` is a projection whose residual add
+        the fused matmul could not take, added in the next LayerNorm's pass (model/residual_norm.py)."""
+        x, h = self.layer_norm1.add_and_norm(x, update)
+        x, update = self.self_attn(h, residual=x)
+        x, h = self.layer_norm2.add_and_norm(x, update)
+        return self.mlp(h, residual=x)
 
 
 class SiglipVisionTower(nnx.Module):
@@ -109,6 +129,7 @@ class SiglipVisionTower(nnx.Module):
         kernel = use(self.patch_kernel).reshape(-1, self.config.hidden_size).astype(self.dtype)
         x = jnp.dot(patches, kernel) + use(self.patch_bias, self.dtype)
         x = x + use(self.position_embedding, self.dtype)
+        update = None
         for layer in self.layers:
-            x = layer(x)
-        return self.post_layernorm(x)
+            x, update = layer(x, update)
+        return self.post_layernorm.add_and_norm(x, update)[1]
