@@ -36,6 +36,7 @@ def test_column_chunks_are_power_of_2_pieces_largest_first():
     assert rn.column_chunks(1536) == ((0, 1024), (1024, 512))
     assert rn.column_chunks(72) is None          # 64 + 8: a chunk under 16 columns
     assert rn.column_chunks(16 * 31) is None     # 256 + 128 + 64 + 32 + 16: five chunks
+    assert rn.column_chunks(0) is None
 
 
 def test_reference_is_the_plain_sum_and_layer_norm():
