@@ -11,9 +11,8 @@ Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen,
 --decode-warps/--decode-stages, --decode-splits (programs per row and kv head of the decode step), --decode-gemm
 (the decode step's few-row GEMM kernels or XLA), --swiglu-grad (the SwiGLU backward's Pallas kernel or XLA),
 --vision-epilogue (SigLIP's fused-epilogue matmul or XLA), --vision-norm (SigLIP's residual add + LayerNorm kernel or
-XLA), --compute-dtype and --losses --lr (the bf16 vs float32
-numerics check), --profile DIR (where the GPU time goes, tools/trace_summary.py), --tiny (tiny shapes: checks the
-tool on a CPU).
+XLA), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where the GPU time
+goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
 """
 
 from __future__ import annotations

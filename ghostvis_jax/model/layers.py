@@ -64,14 +64,13 @@ class Dense(nnx.Module):
                                  bias)
         return y.reshape(*x.shape[:-1], *out)
 
-    def fused(self, x: jax.Array, *, activation: str = "none", residual: jax.Array | None = None) -> jax.Array:
-        """activation(self(x)) + residual, with the epilogue inside the GEMM where `fused_matmul`'s kernel runs
-        (one output dim only)."""
+    def fused(self, x: jax.Array, *, activation: str = "none") -> jax.Array:
+        """activation(self(x)), with the bias and activation inside the GEMM where `fused_matmul`'s kernel runs
+        (one output dim only). A residual goes through `siglip._with_residual`, which decides where it is added."""
         from ghostvis_jax.model.fused_matmul import fused_matmul
 
         bias = None if self.bias is None else use(self.bias, self.dtype)
-        return fused_matmul(x.astype(self.dtype), use(self.kernel, self.dtype), bias, residual,
-                            activation=activation)
+        return fused_matmul(x.astype(self.dtype), use(self.kernel, self.dtype), bias, activation=activation)
 
 
 class Embed(nnx.Module):

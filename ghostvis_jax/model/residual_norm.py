@@ -92,8 +92,8 @@ def add_layer_norm_pallas(x, update, scale, bias, *, eps: float, dtype, interpre
     """The reference's result from one Pallas (Triton) kernel over x [M, D]; shapes must pass `kernel_supported`."""
     from jax.experimental.pallas import triton as plgpu
 
-    (rows, width), chunks = x.shape, column_chunks(x.shape[-1])
-    if (x.ndim != 2 or not kernel_supported(rows, width, x.dtype) or scale.shape != (width,)
+    rows, width = (x.shape if x.ndim == 2 else (0, x.shape[-1]))  # not 2-d: refused below, by its shape
+    if (not kernel_supported(rows, width, x.dtype) or scale.shape != (width,)
             or bias.shape != (width,) or (update is not None and update.shape != x.shape)):
         raise ValueError(f"add_layer_norm: unsupported shapes x {x.shape} {x.dtype}, update "
                          f"{None if update is None else update.shape}, scale {scale.shape}, bias {bias.shape} "
@@ -106,7 +106,7 @@ def add_layer_norm_pallas(x, update, scale, bias, *, eps: float, dtype, interpre
     out_shapes = ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if has_update else []) + [
         jax.ShapeDtypeStruct(x.shape, dtype)]
     outs = pl.pallas_call(
-        functools.partial(_kernel, chunks=chunks, width=width, eps=eps, has_update=has_update),
+        functools.partial(_kernel, chunks=column_chunks(width), width=width, eps=eps, has_update=has_update),
         grid=(rows // BLOCK_ROWS,),
         in_specs=[whole(a.shape) for a in inputs],
         out_specs=[whole(s.shape) for s in out_shapes],

@@ -97,6 +97,9 @@ def test_fallback_off_a_gpu_is_the_reference_and_bad_shapes_are_named():
         rn.add_layer_norm(x, update[:, :32], scale, bias, eps=EPS, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="unsupported shapes x \\(6, 48\\)"):
         rn.add_layer_norm_pallas(x, update, scale, bias, eps=EPS, dtype=jnp.bfloat16, interpret=True)
+    with pytest.raises(ValueError, match="unsupported shapes x \\(2, 8, 48\\)"):  # not 2-d: named, not unpacked
+        rn.add_layer_norm_pallas(jnp.zeros((2, 8, 48), jnp.bfloat16), None, scale, bias, eps=EPS,
+                                 dtype=jnp.bfloat16, interpret=True)
 
 
 def test_layer_norm_module_add_and_norm_without_an_update_is_the_module():
