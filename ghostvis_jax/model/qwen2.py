@@ -15,27 +15,11 @@ from flax import nnx
 from ghostvis_jax.config import QwenConfig
 from ghostvis_jax.model.attention import KeyRange, attention, pick_implementation
 from ghostvis_jax.model.layers import Dense, Embed, RMSNorm, use
+from ghostvis_jax.model.rope import rope_cos_sin, split_qkv_rope
 from ghostvis_jax.model.swiglu import swiglu
 from ghostvis_jax.sharding import constrain_batch
 
 KVCache = list[dict[str, jax.Array]]
-
-
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, head_dim] in HF's layout (the frequency table repeated twice, not interleaved)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, ..., H], cos/sin [B, T, H]; HF `rotate_half`: (x1, x2) -> (-x2, x1)."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos = cos.reshape(cos.shape[:2] + (1,) * (x.ndim - cos.ndim) + cos.shape[2:])
-    sin = sin.reshape(cos.shape)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
 class Qwen2Attention(nnx.Module):
@@ -64,9 +48,7 @@ class Qwen2Attention(nnx.Module):
             out, k, v = decode_step_attention(qkv[:, 0], cos[:, 0], sin[:, 0], cache["k"], cache["v"], mask.start,
                                               cache_index)
             return self.o_proj.decode_step(out.reshape(b, t, self.num_heads * self.head_dim)), {"k": k, "v": v}
-        qk = apply_rope(qkv[..., :self.group + 1, :], cos, sin)
-        q = qk[..., :self.group, :].reshape(b, t, self.num_heads, self.head_dim)
-        k, v = qk[..., self.group, :], qkv[..., self.group + 1, :]     # [B, T, K, H]
+        q, k, v = split_qkv_rope(qkv, cos, sin)  # [B, T, N, H], [B, T, K, H] x 2
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)

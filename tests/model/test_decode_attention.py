@@ -6,7 +6,7 @@ import pytest
 from ghostvis_jax.model.attention import naive_attention
 from ghostvis_jax.model.decode_attention import (decode_attention, decode_step_attention, num_splits, step_supported,
                                                  supported)
-from ghostvis_jax.model.qwen2 import apply_rope, rope_cos_sin
+from ghostvis_jax.model.rope import apply_rope, rope_cos_sin
 
 # Per row: full cache, left padding with an end off the block grid, a single valid position, block-aligned range.
 STARTS = np.array([0, 5, 20, 16], np.int32)

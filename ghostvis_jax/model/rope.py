@@ -1,0 +1,189 @@
+"""Rotary position embeddings (RoPE) as HF Qwen2 applies them, and the fused q|k|v projection [B, T, K, G+2, H]
+split into cuDNN's q [B, T, N, H], k and v [B, T, K, H] with RoPE on q and k, that split and its gradient as
+Pallas (Triton) kernels.
+
+Why: the training step's attention needs q, k and v as separate arrays, and its backward gives their gradients
+back separately. XLA ran the forward split as three slice fusions (73 µs per layer of train-sft) and the
+backward assembly (inverse RoPE of dq and dk, then the [.., G+2, ..] concatenation with dv) as one fusion at ~0.9
+TB/s: 151 µs per layer, 3.6 ms of a 236 ms step on an H100 (docs/LOG.md, fourteenth session). Each is one read and
+one write of the same bytes, ~45 µs at bandwidth. Here each program takes a block of tokens of one kv head: its G
+query heads, its key and its value, both halves of each head at once (RoPE pairs column i with i + H/2).
+
+The kernels' math is `apply_rope`'s: float32, one rounding. The backward is RoPE's transpose in float32, rounded
+once; autodiff rounds each product to bf16 before adding them, so it is the one further from the exact
+gradient. Off a GPU, under tensor
+parallelism and for shapes the kernels do not take, the jnp reference runs; under FSDP the kernels run per device
+through shard_map (each token is independent).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ghostvis_jax.sharding import batch_axes
+
+USE_KERNEL_ON_GPU = True  # tools/benchmark.py --qkv-split xla turns it off (the A/B measurement)
+BLOCK_TOKENS = 16
+NUM_WARPS = 4
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, head_dim] in HF's layout (the frequency table repeated twice, not interleaved)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, ..., H], cos/sin [B, T, H]; HF `rotate_half`: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos.reshape(cos.shape[:2] + (1,) * (x.ndim - cos.ndim) + cos.shape[2:])
+    sin = sin.reshape(cos.shape)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def split_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array):
+    """qkv [B, T, K, G+2, H] → q [B, T, K·G, H] (query head j·G + g is qkv[.., j, g, :]), k, v [B, T, K, H]."""
+    b, t, kv, slots, h = qkv.shape
+    group = slots - 2
+    qk = apply_rope(qkv[..., :group + 1, :], cos, sin)
+    return qk[..., :group, :].reshape(b, t, kv * group, h), qk[..., group, :], qkv[..., group + 1, :]
+
+
+def kernel_supported(qkv_shape, dtype) -> bool:
+    if len(qkv_shape) != 5:
+        return False
+    b, t, _, slots, h = qkv_shape
+    return (slots >= 3 and h % 2 == 0 and h // 2 >= 16 and (h // 2) & (h // 2 - 1) == 0
+            and (b * t) % BLOCK_TOKENS == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and math.prod(qkv_shape) < 2**31)
+
+
+def _rope_halves(x1, x2, c1, c2, s1, s2, *, transpose: bool):
+    """RoPE on a head split in halves (float32): (x1·c1 − x2·s1, x2·c2 + x1·s2), or its transpose."""
+    if transpose:
+        return x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+def _split_kernel(qkv_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, *, group: int, half: int):
+    """qkv_ref [M, K, G+2, H], cos/sin [M, H], q [M, K·G, H], k/v [M, K, H]; program (token block, kv head j)."""
+    rows = pl.ds(pl.multiple_of(pl.program_id(0) * BLOCK_TOKENS, BLOCK_TOKENS), BLOCK_TOKENS)
+    j = pl.program_id(1)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    trig = [ref[rows, cols] for ref in (cos_ref, sin_ref) for cols in (lo, hi)]  # c1, c2, s1, s2
+    for slot in range(group + 2):
+        x1, x2 = qkv_ref[rows, j, slot, lo], qkv_ref[rows, j, slot, hi]
+        if slot == group + 1:
+            v_ref[rows, j, lo], v_ref[rows, j, hi] = x1, x2
+            continue
+        y1, y2 = _rope_halves(x1.astype(jnp.float32), x2.astype(jnp.float32), *trig, transpose=False)
+        out, head = (k_ref, j) if slot == group else (q_ref, j * group + slot)
+        out[rows, head, lo], out[rows, head, hi] = y1.astype(out.dtype), y2.astype(out.dtype)
+
+
+def _grad_kernel(dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, dqkv_ref, *, group: int, half: int):
+    """The transpose of `_split_kernel`: dq [M, K·G, H], dk/dv [M, K, H] → dqkv [M, K, G+2, H]."""
+    rows = pl.ds(pl.multiple_of(pl.program_id(0) * BLOCK_TOKENS, BLOCK_TOKENS), BLOCK_TOKENS)
+    j = pl.program_id(1)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    trig = [ref[rows, cols] for ref in (cos_ref, sin_ref) for cols in (lo, hi)]
+    for slot in range(group + 2):
+        if slot == group + 1:
+            dqkv_ref[rows, j, slot, lo], dqkv_ref[rows, j, slot, hi] = dv_ref[rows, j, lo], dv_ref[rows, j, hi]
+            continue
+        src, head = (dk_ref, j) if slot == group else (dq_ref, j * group + slot)
+        d1, d2 = _rope_halves(src[rows, head, lo].astype(jnp.float32), src[rows, head, hi].astype(jnp.float32),
+                              *trig, transpose=True)
+        dqkv_ref[rows, j, slot, lo], dqkv_ref[rows, j, slot, hi] = d1.astype(dqkv_ref.dtype), d2.astype(
+            dqkv_ref.dtype)
+
+
+def _call(kernel, inputs, out_shapes, *, kv: int, interpret: bool, name: str):
+    from jax.experimental.pallas import triton as plgpu
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
+    return pl.pallas_call(
+        kernel,
+        grid=(inputs[0].shape[0] // BLOCK_TOKENS, kv),
+        in_specs=[whole(x.shape) for x in inputs],
+        out_specs=[whole(s.shape) for s in out_shapes],
+        out_shape=out_shapes,
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+
+
+def split_pallas(qkv, cos, sin, *, interpret: bool = False):
+    """`split_reference`'s result from one Pallas (Triton) kernel; shapes must pass `kernel_supported`."""
+    b, t, kv, slots, h = qkv.shape
+    if not kernel_supported(qkv.shape, qkv.dtype) or cos.shape != (b, t, h) or sin.shape != cos.shape:
+        raise ValueError(f"qkv_rope: unsupported shapes qkv {qkv.shape} {qkv.dtype}, cos {cos.shape}, sin "
+                         f"{sin.shape} (tokens a multiple of {BLOCK_TOKENS}, half precision, H/2 a power of 2 >= 16)")
+    m, group = b * t, slots - 2
+    trig = [a.reshape(m, h).astype(jnp.float32) for a in (cos, sin)]
+    out_shapes = [jax.ShapeDtypeStruct((m, kv * group, h), qkv.dtype)] + [jax.ShapeDtypeStruct((m, kv, h),
+                                                                                              qkv.dtype)] * 2
+    q, k, v = _call(functools.partial(_split_kernel, group=group, half=h // 2), [qkv.reshape(m, kv, slots, h), *trig],
+                    out_shapes, kv=kv, interpret=interpret, name="qkv_rope_split")
+    return q.reshape(b, t, kv * group, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
+
+
+def split_grad_pallas(dq, dk, dv, cos, sin, *, interpret: bool = False):
+    """The gradient of `split_pallas` with respect to qkv, from one Pallas (Triton) kernel."""
+    b, t, kv, h = dk.shape
+    group = dq.shape[2] // kv
+    m = b * t
+    trig = [a.reshape(m, h).astype(jnp.float32) for a in (cos, sin)]
+    (dqkv,) = _call(functools.partial(_grad_kernel, group=group, half=h // 2),
+                    [dq.reshape(m, kv * group, h), dk.reshape(m, kv, h), dv.reshape(m, kv, h), *trig],
+                    [jax.ShapeDtypeStruct((m, kv, group + 2, h), dq.dtype)], kv=kv, interpret=interpret,
+                    name="qkv_rope_grad")
+    return dqkv.reshape(b, t, kv, group + 2, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_path(qkv, cos, sin, interpret):
+    return split_pallas(qkv, cos, sin, interpret=interpret)
+
+
+def _kernel_path_fwd(qkv, cos, sin, interpret):
+    return _kernel_path(qkv, cos, sin, interpret), (cos, sin)
+
+
+def _kernel_path_bwd(interpret, saved, cotangents):
+    cos, sin = saved
+    dq, dk, dv = cotangents
+    # cos/sin are functions of the positions only (no parameter): their cotangents are zero.
+    return split_grad_pallas(dq, dk, dv, cos, sin, interpret=interpret), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_kernel_path.defvjp(_kernel_path_fwd, _kernel_path_bwd)
+
+
+def split_qkv_rope(qkv, cos, sin, *, use_kernel: bool | None = None, interpret: bool = False):
+    """qkv [B, T, K, G+2, H] → (q [B, T, K·G, H], k, v [B, T, K, H]) with RoPE on q and k (cos/sin [B, T, H]).
+
+    The Pallas kernels on a GPU where the shape allows (per device under FSDP), `split_reference` elsewhere."""
+    if use_kernel is None:
+        use_kernel = USE_KERNEL_ON_GPU and jax.default_backend() == "gpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else batch_axes(qkv.shape[0], mesh)  # the rows as constrain_batch lays them
+    local_shape = (qkv.shape[0] // math.prod(mesh.shape[a] for a in axes),) + qkv.shape[1:]
+    tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
+    if not use_kernel or tensor_parallel or not kernel_supported(local_shape, qkv.dtype):
+        return split_reference(qkv, cos, sin)
+    kernel = functools.partial(_kernel_path, interpret=interpret)
+    if mesh.empty:
+        return kernel(qkv, cos, sin)
+    spec = jax.sharding.PartitionSpec(axes or None)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=(spec, spec, spec), check_vma=False)(
+        qkv, cos, sin)
