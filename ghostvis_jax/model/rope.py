@@ -126,12 +126,12 @@ def split_pallas(qkv, cos, sin, *, interpret: bool = False):
     """`split_reference`'s result from one Pallas (Triton) kernel; shapes must pass `kernel_supported`."""
     b, t, kv, slots, h = qkv.shape
     if not kernel_supported(qkv.shape, qkv.dtype) or cos.shape != (b, t, h) or sin.shape != cos.shape:
-        raise ValueError(f"qkv_rope: unsupported shapes qkv {qkv.shape} {qkv.dtype}, cos {cos.shape}, sin "
+        raise ValueError(f"split_pallas: unsupported shapes qkv {qkv.shape} {qkv.dtype}, cos {cos.shape}, sin "
                          f"{sin.shape} (tokens a multiple of {BLOCK_TOKENS}, half precision, H/2 a power of 2 >= 16)")
     m, group = b * t, slots - 2
     trig = [a.reshape(m, h).astype(jnp.float32) for a in (cos, sin)]
-    out_shapes = [jax.ShapeDtypeStruct((m, kv * group, h), qkv.dtype)] + [jax.ShapeDtypeStruct((m, kv, h),
-                                                                                              qkv.dtype)] * 2
+    q_shape, kv_shape = jax.ShapeDtypeStruct((m, kv * group, h), qkv.dtype), jax.ShapeDtypeStruct((m, kv, h), qkv.dtype)
+    out_shapes = [q_shape, kv_shape, kv_shape]
     q, k, v = _call(functools.partial(_split_kernel, group=group, half=h // 2), [qkv.reshape(m, kv, slots, h), *trig],
                     out_shapes, kv=kv, interpret=interpret, name="qkv_rope_split")
     return q.reshape(b, t, kv * group, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
@@ -141,6 +141,10 @@ def split_grad_pallas(dq, dk, dv, cos, sin, *, interpret: bool = False):
     """The gradient of `split_pallas` with respect to qkv, from one Pallas (Triton) kernel."""
     b, t, kv, h = dk.shape
     group = dq.shape[2] // kv
+    if dq.shape != (b, t, kv * group, h) or dv.shape != dk.shape or not kernel_supported((b, t, kv, group + 2, h),
+                                                                                          dq.dtype):
+        raise ValueError(f"split_grad_pallas: unsupported shapes dq {dq.shape} {dq.dtype}, dk {dk.shape}, "
+                         f"dv {dv.shape}")
     m = b * t
     trig = [a.reshape(m, h).astype(jnp.float32) for a in (cos, sin)]
     (dqkv,) = _call(functools.partial(_grad_kernel, group=group, half=h // 2),

@@ -90,6 +90,10 @@ def test_unsupported_shapes_are_refused_by_name():
     qkv, cos, sin, _ = _inputs(1, 16, 2, 2, 24)
     with pytest.raises(ValueError, match="H/2 a power of 2"):
         rope.split_pallas(qkv, cos, sin, interpret=True)
+    _, cos, sin, (dq, dk, dv) = _inputs(1, 16, 2, 2, 32)
+    with pytest.raises(ValueError, match=r"split_grad_pallas: unsupported shapes dq \(1, 16, 4, 32\) bfloat16, dk "
+                                         r"\(1, 16, 2, 32\), dv \(1, 16, 2, 16\)"):
+        rope.split_grad_pallas(dq, dk, dv[..., :16], cos, sin, interpret=True)
 
 
 @pytest.mark.parametrize("data,fsdp", [(1, 8), (2, 4)])
