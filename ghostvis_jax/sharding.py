@@ -109,6 +109,27 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
 
 
+def rows_per_device(rows: int) -> int | None:
+    """The rows of a batch-leading activation that each device holds under the active mesh (`constrain_batch`'s
+    layout; all of them with no mesh), or None under tensor parallelism, where feature dims may be split too."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return rows
+    if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1:
+        return None
+    return rows // math.prod(mesh.shape[a] for a in batch_axes(rows, mesh))
+
+
+def map_rows(fn, *arrays):
+    """fn(*arrays) where each row (leading dim) is independent: under a mesh, on each device's rows through
+    shard_map (a custom call such as a Pallas kernel, left to GSPMD, would be gathered onto every device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*arrays)
+    spec = P(batch_axes(arrays[0].shape[0], mesh) or None)
+    return jax.shard_map(fn, in_specs=(spec,) * len(arrays), out_specs=spec, check_vma=False)(*arrays)
+
+
 def param_shardings(state: nnx.State, mesh: Mesh) -> dict:
     """NamedShardings as a nested pure dict (the layout of `nnx.to_pure_dict(state)`), from each Variable's
     logical_axes."""

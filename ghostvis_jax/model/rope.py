@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ghostvis_jax.sharding import batch_axes
+from ghostvis_jax.sharding import map_rows, rows_per_device
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --qkv-split xla turns it off (the A/B measurement)
 BLOCK_TOKENS = 16
@@ -179,15 +179,7 @@ def split_qkv_rope(qkv, cos, sin, *, use_kernel: bool | None = None, interpret: 
     The Pallas kernels on a GPU where the shape allows (per device under FSDP), `split_reference` elsewhere."""
     if use_kernel is None:
         use_kernel = USE_KERNEL_ON_GPU and jax.default_backend() == "gpu"
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else batch_axes(qkv.shape[0], mesh)  # the rows as constrain_batch lays them
-    local_shape = (qkv.shape[0] // math.prod(mesh.shape[a] for a in axes),) + qkv.shape[1:]
-    tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
-    if not use_kernel or tensor_parallel or not kernel_supported(local_shape, qkv.dtype):
+    local_rows = rows_per_device(qkv.shape[0])
+    if not use_kernel or local_rows is None or not kernel_supported((local_rows,) + qkv.shape[1:], qkv.dtype):
         return split_reference(qkv, cos, sin)
-    kernel = functools.partial(_kernel_path, interpret=interpret)
-    if mesh.empty:
-        return kernel(qkv, cos, sin)
-    spec = jax.sharding.PartitionSpec(axes or None)
-    return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=(spec, spec, spec), check_vma=False)(
-        qkv, cos, sin)
+    return map_rows(functools.partial(_kernel_path, interpret=interpret), qkv, cos, sin)

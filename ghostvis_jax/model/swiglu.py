@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ghostvis_jax.sharding import batch_axes
+from ghostvis_jax.sharding import map_rows, rows_per_device
 
 BLOCK_ROWS = 16
 BLOCK_COLS = (256, 128)  # the first that divides the intermediate size
@@ -107,14 +107,7 @@ def swiglu_grad(gate_up: jax.Array, d_out: jax.Array, *, use_kernel: bool | None
     (a sharded intermediate dim) takes the reference path."""
     if use_kernel is None:
         use_kernel = USE_KERNEL_ON_GPU and jax.default_backend() == "gpu"
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else batch_axes(gate_up.shape[0], mesh)  # the rows as constrain_batch lays them
-    local_shape = (gate_up.shape[0] // math.prod(mesh.shape[a] for a in axes),) + gate_up.shape[1:]
-    tensor_parallel = not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
-    if not use_kernel or tensor_parallel or kernel_block_cols(local_shape) is None:
+    local_rows = rows_per_device(gate_up.shape[0])
+    if not use_kernel or local_rows is None or kernel_block_cols((local_rows,) + gate_up.shape[1:]) is None:
         return swiglu_grad_reference(gate_up, d_out)
-    kernel = functools.partial(swiglu_grad_pallas, interpret=interpret)
-    if mesh.empty:
-        return kernel(gate_up, d_out)
-    spec = jax.sharding.PartitionSpec(axes or None)
-    return jax.shard_map(kernel, in_specs=(spec, spec), out_specs=spec, check_vma=False)(gate_up, d_out)
+    return map_rows(functools.partial(swiglu_grad_pallas, interpret=interpret), gate_up, d_out)
