@@ -102,8 +102,8 @@ def _grad_kernel(dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, dqkv_ref, *, group: i
         src, head = (dk_ref, j) if slot == group else (dq_ref, j * group + slot)
         d1, d2 = _rope_halves(src[rows, head, lo].astype(jnp.float32), src[rows, head, hi].astype(jnp.float32),
                               *trig, transpose=True)
-        dqkv_ref[rows, j, slot, lo], dqkv_ref[rows, j, slot, hi] = d1.astype(dqkv_ref.dtype), d2.astype(
-            dqkv_ref.dtype)
+        dtype = dqkv_ref.dtype
+        dqkv_ref[rows, j, slot, lo], dqkv_ref[rows, j, slot, hi] = d1.astype(dtype), d2.astype(dtype)
 
 
 def _call(kernel, inputs, out_shapes, *, kv: int, interpret: bool, name: str):
