@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ghostvis_jax.model.rope import rope_halves
+
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MIN_BLOCK = 16  # Triton's dot needs every dim >= 16
 # Tuning knobs (tools/benchmark.py --decode-block-k sets both): the largest cache block, and the most bytes one
@@ -190,9 +192,9 @@ def _decode_step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, start_ref, inde
     dtype = qkv_ref.dtype
     cos1, cos2, sin1, sin2 = cos_ref[first], cos_ref[second], sin_ref[first], sin_ref[second]
 
-    def rope(x1, x2):  # HF's rotate_half on the two halves, in float32, rounded as apply_rope rounds
-        x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
-        return (x1 * cos1 - x2 * sin1).astype(dtype), (x2 * cos2 + x1 * sin2).astype(dtype)
+    def rope(x1, x2):  # in float32, rounded as apply_rope rounds
+        y1, y2 = rope_halves(x1.astype(jnp.float32), x2.astype(jnp.float32), cos1, cos2, sin1, sin2)
+        return y1.astype(dtype), y2.astype(dtype)
 
     row_is_head = (jnp.arange(rows) < group_size)[:, None]
     q1, q2 = rope(plgpu.load(qkv_ref.at[:, first], mask=row_is_head, other=0),

@@ -11,9 +11,8 @@ query heads, its key and its value, both halves of each head at once (RoPE pairs
 
 The kernels' math is `apply_rope`'s: float32, one rounding. The backward is RoPE's transpose in float32, rounded
 once; autodiff rounds each product to bf16 before adding them, so it is the one further from the exact
-gradient. Off a GPU, under tensor
-parallelism and for shapes the kernels do not take, the jnp reference runs; under FSDP the kernels run per device
-through shard_map (each token is independent).
+gradient. Off a GPU, under tensor parallelism and for shapes the kernels do not take, the jnp reference runs;
+under FSDP the kernels run per device through shard_map (each token is independent).
 """
 
 from __future__ import annotations
@@ -66,49 +65,53 @@ def kernel_supported(qkv_shape, dtype) -> bool:
             and math.prod(qkv_shape) < 2**31)
 
 
-def _rope_halves(x1, x2, c1, c2, s1, s2, *, transpose: bool):
-    """RoPE on a head split in halves (float32): (x1·c1 − x2·s1, x2·c2 + x1·s2), or its transpose."""
+def rope_halves(x1, x2, c1, c2, s1, s2, *, transpose: bool = False):
+    """RoPE on a head split in halves (float32): (x1·c1 − x2·s1, x2·c2 + x1·s2), or its transpose. The Pallas
+    kernels' form of `apply_rope` (here and in model/decode_attention.py)."""
     if transpose:
         return x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
+def _program_block(cos_ref, sin_ref, half: int):
+    """A program's tokens, kv head, the two half-head column ranges, and its (c1, c2, s1, s2) tiles."""
+    rows = pl.ds(pl.multiple_of(pl.program_id(0) * BLOCK_TOKENS, BLOCK_TOKENS), BLOCK_TOKENS)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    return rows, pl.program_id(1), lo, hi, [ref[rows, cols] for ref in (cos_ref, sin_ref) for cols in (lo, hi)]
+
+
 def _split_kernel(qkv_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, *, group: int, half: int):
     """qkv_ref [M, K, G+2, H], cos/sin [M, H], q [M, K·G, H], k/v [M, K, H]; program (token block, kv head j)."""
-    rows = pl.ds(pl.multiple_of(pl.program_id(0) * BLOCK_TOKENS, BLOCK_TOKENS), BLOCK_TOKENS)
-    j = pl.program_id(1)
-    lo, hi = pl.ds(0, half), pl.ds(half, half)
-    trig = [ref[rows, cols] for ref in (cos_ref, sin_ref) for cols in (lo, hi)]  # c1, c2, s1, s2
+    rows, j, lo, hi, trig = _program_block(cos_ref, sin_ref, half)
     for slot in range(group + 2):
         x1, x2 = qkv_ref[rows, j, slot, lo], qkv_ref[rows, j, slot, hi]
         if slot == group + 1:
             v_ref[rows, j, lo], v_ref[rows, j, hi] = x1, x2
             continue
-        y1, y2 = _rope_halves(x1.astype(jnp.float32), x2.astype(jnp.float32), *trig, transpose=False)
+        y1, y2 = rope_halves(x1.astype(jnp.float32), x2.astype(jnp.float32), *trig)
         out, head = (k_ref, j) if slot == group else (q_ref, j * group + slot)
         out[rows, head, lo], out[rows, head, hi] = y1.astype(out.dtype), y2.astype(out.dtype)
 
 
 def _grad_kernel(dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, dqkv_ref, *, group: int, half: int):
     """The transpose of `_split_kernel`: dq [M, K·G, H], dk/dv [M, K, H] → dqkv [M, K, G+2, H]."""
-    rows = pl.ds(pl.multiple_of(pl.program_id(0) * BLOCK_TOKENS, BLOCK_TOKENS), BLOCK_TOKENS)
-    j = pl.program_id(1)
-    lo, hi = pl.ds(0, half), pl.ds(half, half)
-    trig = [ref[rows, cols] for ref in (cos_ref, sin_ref) for cols in (lo, hi)]
+    rows, j, lo, hi, trig = _program_block(cos_ref, sin_ref, half)
     for slot in range(group + 2):
         if slot == group + 1:
             dqkv_ref[rows, j, slot, lo], dqkv_ref[rows, j, slot, hi] = dv_ref[rows, j, lo], dv_ref[rows, j, hi]
             continue
         src, head = (dk_ref, j) if slot == group else (dq_ref, j * group + slot)
-        d1, d2 = _rope_halves(src[rows, head, lo].astype(jnp.float32), src[rows, head, hi].astype(jnp.float32),
-                              *trig, transpose=True)
+        d1, d2 = rope_halves(src[rows, head, lo].astype(jnp.float32), src[rows, head, hi].astype(jnp.float32),
+                             *trig, transpose=True)
         dtype = dqkv_ref.dtype
         dqkv_ref[rows, j, slot, lo], dqkv_ref[rows, j, slot, hi] = d1.astype(dtype), d2.astype(dtype)
 
 
-def _call(kernel, inputs, out_shapes, *, kv: int, interpret: bool, name: str):
+def _call(kernel, inputs, cos, sin, out_shapes, *, kv: int, interpret: bool, name: str):
+    """One kernel over (token blocks, kv heads); `inputs` are token-leading, cos/sin [B, T, H] join them flat."""
     from jax.experimental.pallas import triton as plgpu
 
+    inputs = inputs + [a.reshape(-1, a.shape[-1]).astype(jnp.float32) for a in (cos, sin)]
     whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
     return pl.pallas_call(
         kernel,
@@ -129,11 +132,10 @@ def split_pallas(qkv, cos, sin, *, interpret: bool = False):
         raise ValueError(f"split_pallas: unsupported shapes qkv {qkv.shape} {qkv.dtype}, cos {cos.shape}, sin "
                          f"{sin.shape} (tokens a multiple of {BLOCK_TOKENS}, half precision, H/2 a power of 2 >= 16)")
     m, group = b * t, slots - 2
-    trig = [a.reshape(m, h).astype(jnp.float32) for a in (cos, sin)]
     q_shape, kv_shape = jax.ShapeDtypeStruct((m, kv * group, h), qkv.dtype), jax.ShapeDtypeStruct((m, kv, h), qkv.dtype)
     out_shapes = [q_shape, kv_shape, kv_shape]
-    q, k, v = _call(functools.partial(_split_kernel, group=group, half=h // 2), [qkv.reshape(m, kv, slots, h), *trig],
-                    out_shapes, kv=kv, interpret=interpret, name="qkv_rope_split")
+    q, k, v = _call(functools.partial(_split_kernel, group=group, half=h // 2), [qkv.reshape(m, kv, slots, h)], cos,
+                    sin, out_shapes, kv=kv, interpret=interpret, name="qkv_rope_split")
     return q.reshape(b, t, kv * group, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
 
 
@@ -146,9 +148,8 @@ def split_grad_pallas(dq, dk, dv, cos, sin, *, interpret: bool = False):
         raise ValueError(f"split_grad_pallas: unsupported shapes dq {dq.shape} {dq.dtype}, dk {dk.shape}, "
                          f"dv {dv.shape}")
     m = b * t
-    trig = [a.reshape(m, h).astype(jnp.float32) for a in (cos, sin)]
     (dqkv,) = _call(functools.partial(_grad_kernel, group=group, half=h // 2),
-                    [dq.reshape(m, kv * group, h), dk.reshape(m, kv, h), dv.reshape(m, kv, h), *trig],
+                    [dq.reshape(m, kv * group, h), dk.reshape(m, kv, h), dv.reshape(m, kv, h)], cos, sin,
                     [jax.ShapeDtypeStruct((m, kv, group + 2, h), dq.dtype)], kv=kv, interpret=interpret,
                     name="qkv_rope_grad")
     return dqkv.reshape(b, t, kv, group + 2, h)
