@@ -11,7 +11,7 @@ Options beyond the peer's: --remat, --mesh-data/--mesh-fsdp, --replicate-frozen,
 --decode-warps/--decode-stages, --decode-splits (programs per row and kv head of the decode step), --decode-gemm
 (the decode step's few-row GEMM kernels or XLA), --swiglu-grad (the SwiGLU backward's Pallas kernel or XLA),
 --qkv-split (the q|k|v split with RoPE and its gradient as Pallas kernels, or XLA), --loss-lse (the loss's
-one-pass log-sum-exp kernel or XLA's two reductions),
+one-pass log-sum-exp kernel or XLA's two reductions), --rms-norm (the decoder's RMSNorm kernels or XLA),
 --vision-epilogue (SigLIP's fused-epilogue matmul or XLA), --vision-norm (SigLIP's residual add + LayerNorm kernel or
 XLA), --compute-dtype and --losses --lr (the bf16 vs float32 numerics check), --profile DIR (where the GPU time
 goes, tools/trace_summary.py), --tiny (tiny shapes: checks the tool on a CPU).
@@ -72,12 +72,13 @@ def model_config(args):
 
 
 def bench_train(args, stage: str) -> None:
-    from ghostvis_jax.model import rope, swiglu
+    from ghostvis_jax.model import rms_norm, rope, swiglu
     from ghostvis_jax.train import logsumexp
 
     swiglu.USE_KERNEL_ON_GPU = args.swiglu_grad == "pallas"
     rope.USE_KERNEL_ON_GPU = args.qkv_split == "pallas"
     logsumexp.USE_KERNEL_ON_GPU = args.loss_lse == "pallas"
+    rms_norm.USE_KERNEL_ON_GPU = args.rms_norm == "pallas"
     mcfg = model_config(args)
     c = base_config()
     c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, args.unfreeze
@@ -142,7 +143,7 @@ def bench_train(args, stage: str) -> None:
          mfu=round(flops / dt / (PEAK_BF16_FLOPS * n_dev), 4), trainable_params=trainable, peak_gib=round(peak_memory_gib(), 1),
          init_s=round(init_s, 1), compile_s=round(compile_s, 1), loss=float(metrics["loss"]),
          compute_dtype=args.compute_dtype, swiglu_grad=args.swiglu_grad, qkv_split=args.qkv_split,
-         loss_lse=args.loss_lse,
+         loss_lse=args.loss_lse, rms_norm=args.rms_norm,
          loss_chunk=args.chunk,
          **({"losses": losses} if args.losses else {}),
          device=jax.devices()[0].device_kind)
@@ -281,6 +282,8 @@ def main() -> None:
                          "or XLA's fusions")
     ap.add_argument("--loss-lse", default="pallas", choices=["pallas", "xla"],
                     help="the loss's log-sum-exp over the logits: one Pallas pass (GPU) or XLA's two reductions")
+    ap.add_argument("--rms-norm", default="pallas", choices=["pallas", "xla"],
+                    help="the decoder's RMSNorm forward and backward: one Pallas pass each (GPU) or XLA's fusions")
     ap.add_argument("--vision-epilogue", default="pallas", choices=["pallas", "pallas-nores", "xla"],
                     help="SigLIP projections: the fused-epilogue Mosaic GPU matmul (Hopper) or XLA's GEMM + passes")
     ap.add_argument("--vision-norm", default="pallas", choices=["pallas", "xla"],

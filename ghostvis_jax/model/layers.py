@@ -87,7 +87,8 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Qwen2 RMSNorm: normalize in float32, cast back, then scale (HF's order of operations)."""
+    """Qwen2 RMSNorm: normalize in float32, cast back, then scale (HF's order of operations); with the residual add
+    before it, one Pallas pass each way on a GPU for training-sized inputs (model/rms_norm.py)."""
 
     def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
         self.scale = nnx.Param(jnp.ones((features,), param_dtype), logical_axes=("norm",))
@@ -95,9 +96,15 @@ class RMSNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return use(self.scale, self.dtype) * x32.astype(self.dtype)
+        from ghostvis_jax.model.rms_norm import rms_norm
+
+        return rms_norm(x, use(self.scale, self.dtype), eps=self.eps)
+
+    def add_and_norm(self, x: jax.Array, update: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(x + update, self(x + update)), update optional."""
+        from ghostvis_jax.model.rms_norm import add_rms_norm
+
+        return add_rms_norm(x, update, use(self.scale, self.dtype), eps=self.eps)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:

@@ -101,11 +101,13 @@ class Qwen2Layer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = Qwen2MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), decode_step=cache is not None and x.shape[1] == 1)
-        return x, cache
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None, pending=None):
+        """pending: the previous layer's MLP output, not yet added to x. Each residual add happens in the norm
+        after it (one pass with the norm on a GPU), so this returns x and this layer's MLP output, unadded."""
+        x, h = self.input_layernorm.add_and_norm(x, pending)
+        h, cache = self.self_attn(h, cos, sin, mask, cache, cache_index)
+        x, h = self.post_attention_layernorm.add_and_norm(x, h)
+        return x, self.mlp(h, decode_step=cache is not None and x.shape[1] == 1), cache
 
 
 class Qwen2Decoder(nnx.Module):
@@ -131,16 +133,18 @@ class Qwen2Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         new_cache = [] if cache is not None else None
+        pending = None  # the last MLP output, added to x in the next norm
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             if self.remat_policy is not None and cache is None:
-                x, _ = nnx.remat(lambda lyr, y, c, s: lyr(y, c, s, mask), policy=self.remat_policy)(layer, x, cos, sin)
+                x, pending, _ = nnx.remat(lambda lyr, y, p, c, s: lyr(y, c, s, mask, pending=p),
+                                          policy=self.remat_policy)(layer, x, pending, cos, sin)
             else:
-                x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
-            x = constrain_batch(x)
+                x, pending, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, pending)
+            x, pending = constrain_batch(x), constrain_batch(pending)
             if new_cache is not None:
                 new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+        return self.norm.add_and_norm(x, pending)[1], new_cache
 
     def head_weight(self) -> jax.Array:
         """The LM head as [vocab, hidden]: the embedding table when tied (the training loss multiplies by it)."""
