@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ghostvis_jax.model.layers import layer_norm
+from ghostvis_jax.model.triton_call import whole_array_call
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --vision-norm xla turns it off (the A/B measurement)
 BLOCK_ROWS = 8  # rows per program; 4, 8 or 16 rows with 4 or 8 warps were within 1% in the So400m tower
@@ -90,8 +91,6 @@ def _kernel(*refs, chunks, width: int, eps: float, has_update: bool):
 
 def add_layer_norm_pallas(x, update, scale, bias, *, eps: float, dtype, interpret: bool = False):
     """The reference's result from one Pallas (Triton) kernel over x [M, D]; shapes must pass `kernel_supported`."""
-    from jax.experimental.pallas import triton as plgpu
-
     rows, width = (x.shape if x.ndim == 2 else (0, x.shape[-1]))  # not 2-d: refused below, by its shape
     if (not kernel_supported(rows, width, x.dtype) or scale.shape != (width,)
             or bias.shape != (width,) or (update is not None and update.shape != x.shape)):
@@ -99,22 +98,15 @@ def add_layer_norm_pallas(x, update, scale, bias, *, eps: float, dtype, interpre
                          f"{None if update is None else update.shape}, scale {scale.shape}, bias {bias.shape} "
                          f"(rows a multiple of {BLOCK_ROWS}, half precision, at most {MAX_CHUNKS} power-of-2 "
                          f"column chunks of at least {_MIN_CHUNK})")
-    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
     has_update = update is not None
     inputs = [x] + ([update.astype(x.dtype)] if has_update else []) + [scale.astype(jnp.float32),
                                                                        bias.astype(jnp.float32)]
     out_shapes = ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if has_update else []) + [
         jax.ShapeDtypeStruct(x.shape, dtype)]
-    outs = pl.pallas_call(
+    outs = whole_array_call(
         functools.partial(_kernel, chunks=column_chunks(width), width=width, eps=eps, has_update=has_update),
-        grid=(rows // BLOCK_ROWS,),
-        in_specs=[whole(a.shape) for a in inputs],
-        out_specs=[whole(s.shape) for s in out_shapes],
-        out_shape=out_shapes,
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name="add_layer_norm" if has_update else "layer_norm",
-    )(*inputs)
+        (rows // BLOCK_ROWS,), inputs, out_shapes, num_warps=NUM_WARPS, interpret=interpret,
+        name="add_layer_norm" if has_update else "layer_norm")
     return (outs[0], outs[1]) if has_update else (x, outs[0])
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ghostvis_jax.model.residual_norm import column_chunks
+from ghostvis_jax.model.triton_call import whole_array_call
 from ghostvis_jax.sharding import map_rows, rows_per_device
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --rms-norm xla turns it off (the A/B measurement)
@@ -101,19 +102,8 @@ def _backward_kernel(*refs, chunks, width: int, has_sum_grad: bool, scale_grad: 
 
 
 def _call(kernel, inputs, out_shapes, *, interpret: bool, name: str):
-    from jax.experimental.pallas import triton as plgpu
-
-    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-    return pl.pallas_call(
-        kernel,
-        grid=(inputs[0].shape[0] // BLOCK_ROWS,),
-        in_specs=[whole(a.shape) for a in inputs],
-        out_specs=[whole(s.shape) for s in out_shapes],
-        out_shape=out_shapes,
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*inputs)
+    return whole_array_call(kernel, (inputs[0].shape[0] // BLOCK_ROWS,), inputs, out_shapes, num_warps=NUM_WARPS,
+                            interpret=interpret, name=name)
 
 
 def _check(x, scale, *others):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ghostvis_jax.model.triton_call import whole_array_call
 from ghostvis_jax.sharding import map_rows, rows_per_device
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --qkv-split xla turns it off (the A/B measurement)
@@ -109,20 +110,9 @@ def _grad_kernel(dq_ref, dk_ref, dv_ref, cos_ref, sin_ref, dqkv_ref, *, group: i
 
 def _call(kernel, inputs, cos, sin, out_shapes, *, kv: int, interpret: bool, name: str):
     """One kernel over (token blocks, kv heads); `inputs` are token-leading, cos/sin [B, T, H] join them flat."""
-    from jax.experimental.pallas import triton as plgpu
-
     inputs = inputs + [a.reshape(-1, a.shape[-1]).astype(jnp.float32) for a in (cos, sin)]
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
-    return pl.pallas_call(
-        kernel,
-        grid=(inputs[0].shape[0] // BLOCK_TOKENS, kv),
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=[whole(s.shape) for s in out_shapes],
-        out_shape=out_shapes,
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*inputs)
+    return whole_array_call(kernel, (inputs[0].shape[0] // BLOCK_TOKENS, kv), inputs, out_shapes,
+                            num_warps=NUM_WARPS, interpret=interpret, name=name)
 
 
 def split_pallas(qkv, cos, sin, *, interpret: bool = False):

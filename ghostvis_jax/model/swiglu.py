@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ghostvis_jax.model.triton_call import whole_array_call
 from ghostvis_jax.sharding import map_rows, rows_per_device
 
 BLOCK_ROWS = 16
@@ -77,24 +78,17 @@ def _grad_kernel(gate_up_ref, d_out_ref, grad_ref, *, block_cols: int, inner: in
 
 def swiglu_grad_pallas(gate_up: jax.Array, d_out: jax.Array, *, interpret: bool = False) -> jax.Array:
     """The reference's result from one Pallas (Triton) kernel; shapes must pass `kernel_block_cols`."""
-    from jax.experimental.pallas import triton as plgpu
-
     block_cols = kernel_block_cols(gate_up.shape)
     if block_cols is None or d_out.shape != gate_up.shape[:-2] + gate_up.shape[-1:]:
         raise ValueError(f"swiglu_grad_pallas: unsupported shapes gate_up {gate_up.shape}, d_out {d_out.shape}")
     inner = gate_up.shape[-1]
     rows = math.prod(gate_up.shape[:-2])
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0, 0))
-    grad = pl.pallas_call(
+    (grad,) = whole_array_call(
         functools.partial(_grad_kernel, block_cols=block_cols, inner=inner),
-        grid=(rows // BLOCK_ROWS, inner // block_cols),
-        in_specs=[whole((rows, 2 * inner)), whole((rows, inner))],
-        out_specs=whole((rows, 2 * inner)),
-        out_shape=jax.ShapeDtypeStruct((rows, 2 * inner), gate_up.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="swiglu_grad",
-    )(gate_up.reshape(rows, 2 * inner), d_out.reshape(rows, inner))
+        (rows // BLOCK_ROWS, inner // block_cols),
+        [gate_up.reshape(rows, 2 * inner), d_out.reshape(rows, inner)],
+        [jax.ShapeDtypeStruct((rows, 2 * inner), gate_up.dtype)],
+        num_warps=4, interpret=interpret, name="swiglu_grad")
     return grad.reshape(gate_up.shape)
 
 

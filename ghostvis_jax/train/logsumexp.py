@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ghostvis_jax.model.triton_call import whole_array_call
 from ghostvis_jax.sharding import map_rows, rows_per_device
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --loss-lse xla turns it off (the A/B measurement)
@@ -105,8 +106,6 @@ def logsumexp_pallas(logits: jax.Array, *, block_rows: int | None = None, block_
                      num_warps: int | None = None, interpret: bool = False) -> jax.Array:
     """The reference's result over logits [..., V] from one Pallas (Triton) kernel; the shape must pass
     `kernel_supported`. Launch shape: the module's constants unless given."""
-    from jax.experimental.pallas import triton as plgpu
-
     block_rows, block_cols = block_rows or BLOCK_ROWS, block_cols or BLOCK_COLS
     width = logits.shape[-1]
     rows = math.prod(logits.shape[:-1])
@@ -119,17 +118,10 @@ def logsumexp_pallas(logits: jax.Array, *, block_rows: int | None = None, block_
     view = logits.reshape(rows, width)
     if view.dtype == jnp.bfloat16:
         view = jax.lax.bitcast_convert_type(view.reshape(rows, words, 2), jnp.uint32)
-    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-    out = pl.pallas_call(
+    (out,) = whole_array_call(
         functools.partial(_kernel, block_rows=block_rows, block_cols=block_cols, full=full, rest=rest),
-        grid=(rows // block_rows,),
-        in_specs=[whole((rows, words))],
-        out_specs=whole((rows,)),
-        out_shape=jax.ShapeDtypeStruct((rows,), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
-        interpret=interpret,
-        name="row_logsumexp",
-    )(view)
+        (rows // block_rows,), [view], [jax.ShapeDtypeStruct((rows,), jnp.float32)],
+        num_warps=num_warps or NUM_WARPS, interpret=interpret, name="row_logsumexp")
     return out.reshape(logits.shape[:-1])
 
 

@@ -1,0 +1,29 @@
+"""One Pallas (Triton) call whose refs are whole arrays, for the row-pass kernels of this project (RMSNorm, the
+residual LayerNorm, the SwiGLU backward, the q|k|v split, the loss's log-sum-exp).
+
+Each of those kernels picks its own block from the program ids instead of a BlockSpec's rectangle, because its
+block is not one: power-of-2 column chunks of widths that are not (1152, 1536), the gate and up halves of a row
+far apart, a kv head's query group with its key and value. Triton then loads exactly what the kernel indexes.
+"""
+
+from __future__ import annotations
+
+from jax.experimental import pallas as pl
+
+
+def whole_array_call(kernel, grid: tuple[int, ...], inputs, out_shapes, *, num_warps: int, interpret: bool,
+                     name: str) -> list:
+    """kernel(*input_refs, *output_refs) over `grid`, every ref the whole array; returns the outputs as a list."""
+    from jax.experimental.pallas import triton as plgpu
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda *program_ids: (0,) * len(shape))
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[whole(a.shape) for a in inputs],
+        out_specs=[whole(s.shape) for s in out_shapes],
+        out_shape=list(out_shapes),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
