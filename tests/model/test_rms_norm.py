@@ -134,12 +134,12 @@ def test_decoder_with_the_kernels_matches_the_reference_path(monkeypatch):
     def run(p, a):
         return jnp.sum(nnx.merge(graph, p)(a)[0].astype(jnp.float32) ** 2)
 
-    want, want_grads = jax.value_and_grad(run, argnums=(0, 1))(params, x)
+    want, want_grads = jax.jit(jax.value_and_grad(run, argnums=(0, 1)))(params, x)
     calls = []
     original = rn.add_rms_norm
     monkeypatch.setattr(rn, "add_rms_norm", lambda *a, **k: calls.append(1) or original(
         *a, **k, use_kernel=True, interpret=True))
-    got, grads = jax.value_and_grad(run, argnums=(0, 1))(params, x)
+    got, grads = jax.jit(jax.value_and_grad(run, argnums=(0, 1)))(params, x)
     assert len(calls) == 2 * 2 + 1  # two norms per layer, then the final norm
     np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
     # bf16 gradients from two rounding paths: compared as whole tensors (elementwise, cancellations dominate)
