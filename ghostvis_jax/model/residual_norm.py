@@ -24,27 +24,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ghostvis_jax.model.layers import layer_norm
-from ghostvis_jax.model.triton_call import whole_array_call
+from ghostvis_jax.model.triton_call import MAX_CHUNKS, MIN_CHUNK, column_chunks, whole_array_call
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --vision-norm xla turns it off (the A/B measurement)
 BLOCK_ROWS = 8  # rows per program; 4, 8 or 16 rows with 4 or 8 warps were within 1% in the So400m tower
 NUM_WARPS = 4
-MAX_CHUNKS = 4
-_MIN_CHUNK = 16
-
-
-def column_chunks(width: int) -> tuple[tuple[int, int], ...] | None:
-    """(start, size) power-of-2 chunks covering [0, width), largest first; None when that needs more than
-    MAX_CHUNKS or a chunk under 16 columns."""
-    chunks, start = [], 0
-    for bit in reversed(range(width.bit_length())):
-        size = 1 << bit
-        if width & size:
-            chunks.append((start, size))
-            start += size
-    if not chunks or len(chunks) > MAX_CHUNKS or chunks[-1][1] < _MIN_CHUNK:
-        return None
-    return tuple(chunks)
 
 
 def reference(x, update, scale, bias, *, eps: float, dtype):
@@ -97,7 +81,7 @@ def add_layer_norm_pallas(x, update, scale, bias, *, eps: float, dtype, interpre
         raise ValueError(f"add_layer_norm: unsupported shapes x {x.shape} {x.dtype}, update "
                          f"{None if update is None else update.shape}, scale {scale.shape}, bias {bias.shape} "
                          f"(rows a multiple of {BLOCK_ROWS}, half precision, at most {MAX_CHUNKS} power-of-2 "
-                         f"column chunks of at least {_MIN_CHUNK})")
+                         f"column chunks of at least {MIN_CHUNK})")
     has_update = update is not None
     inputs = [x] + ([update.astype(x.dtype)] if has_update else []) + [scale.astype(jnp.float32),
                                                                        bias.astype(jnp.float32)]

@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ghostvis_jax.model.residual_norm import column_chunks
-from ghostvis_jax.model.triton_call import whole_array_call
+from ghostvis_jax.model.triton_call import column_chunks, whole_array_call
 from ghostvis_jax.sharding import map_rows, rows_per_device
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --rms-norm xla turns it off (the A/B measurement)
@@ -124,8 +123,9 @@ def forward_pallas(x, update, scale, *, eps: float, interpret: bool = False):
                                has_update=has_update)
     out_shapes = [jax.ShapeDtypeStruct(x.shape, scale.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)]
     inputs = [x, update.astype(x.dtype), scale] if has_update else [x, scale]
-    outs = _call(kernel, inputs, [jax.ShapeDtypeStruct(x.shape, x.dtype)] * has_update + out_shapes,
-                 interpret=interpret, name="add_rms_norm" if has_update else "rms_norm")
+    sum_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] if has_update else []
+    outs = _call(kernel, inputs, sum_shape + out_shapes, interpret=interpret,
+                 name="add_rms_norm" if has_update else "rms_norm")
     return tuple(outs) if has_update else (x, *outs)
 
 

@@ -23,14 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ghostvis_jax.model.triton_call import whole_array_call
+from ghostvis_jax.model.triton_call import MIN_CHUNK, power_of_2_chunks, whole_array_call
 from ghostvis_jax.sharding import map_rows, rows_per_device
 
 USE_KERNEL_ON_GPU = True  # tools/benchmark.py --loss-lse xla turns it off (the A/B measurement)
 BLOCK_ROWS = 1
 BLOCK_COLS = 2048  # words: 4096 bf16 logits (an H100 sweep: 854 us at [8192, 151936] vs XLA's 1756)
 NUM_WARPS = 4
-_MIN_CHUNK = 16
 
 
 def reference(logits: jax.Array) -> jax.Array:
@@ -40,16 +39,10 @@ def reference(logits: jax.Array) -> jax.Array:
 
 def column_blocks(width: int, block_cols: int) -> tuple[int, tuple[tuple[int, int], ...]] | None:
     """(full BLOCK_COLS blocks, the (start, size) power-of-2 chunks of the rest), or None when the rest needs a
-    chunk under 16 columns."""
+    chunk under MIN_CHUNK columns."""
     full = width // block_cols
-    start, rest, chunks = full * block_cols, width % block_cols, []
-    for bit in reversed(range(rest.bit_length())):
-        if rest & (1 << bit):
-            chunks.append((start, 1 << bit))
-            start += 1 << bit
-    if chunks and chunks[-1][1] < _MIN_CHUNK:
-        return None
-    return full, tuple(chunks)
+    rest = power_of_2_chunks(width % block_cols, start=full * block_cols)
+    return None if rest is None else (full, rest)
 
 
 def _words(width: int, dtype) -> int | None:
@@ -112,7 +105,7 @@ def logsumexp_pallas(logits: jax.Array, *, block_rows: int | None = None, block_
     if logits.ndim < 2 or not kernel_supported(rows, width, logits.dtype, block_rows, block_cols):
         raise ValueError(f"logsumexp_pallas: unsupported logits {logits.shape} {logits.dtype} (rows a multiple of "
                          f"{block_rows}, bf16 of an even width or float32, under 2**31 elements (bf16 pairs counted as "
-                         f"one), the width {block_cols}-column blocks plus power-of-2 chunks of at least {_MIN_CHUNK})")
+                         f"one), the width {block_cols}-column blocks plus power-of-2 chunks of at least {MIN_CHUNK})")
     words = _words(width, logits.dtype)
     full, rest = column_blocks(words, block_cols)
     view = logits.reshape(rows, width)
