@@ -187,7 +187,7 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]):
         if state.get("fingerprint") != self._spec.fingerprint:
-            raise ValueError("data iterator state was saved with a different data config / seed / sharding "
+            raise ValueError("data iterator state was saved with a different data config / seed / process count "
                              f"(fingerprint {state.get('fingerprint')!r}, now {self._spec.fingerprint!r})")
         self._parent.set_state(state["parent"])
         self._pending = None

@@ -206,9 +206,11 @@ def make_train_iterator(data_config: Any, tokenizer, model_config, *, seed: int,
     prepare = PrepareExample(tokenizer, image_spec, num_image_tokens, cfg["max_length"], augment=cfg["augment"],
                              system_prompt=cfg["system_prompt"])
     ds = _to_iter(mixture.random_map(prepare, seed=seed), cfg)
-    fingerprint = _fingerprint([cfg["datasets"], cfg["batch_size"], cfg["max_length"], cfg["max_images_per_batch"],
-                                cfg["synthetic"], seed, process_index, process_count, num_image_tokens,
-                                image_spec.image_size])
+    # What fixes the stream of rows, not how they are grouped into batches: a run may resume with another
+    # batch_size (another device count, the same rows per step through gradient accumulation). The batcher's
+    # saved state is the row stream's position before any carried-over row, so a regrouping reads every row once.
+    fingerprint = _fingerprint([cfg["datasets"], cfg["max_length"], cfg["synthetic"], seed, process_index,
+                                process_count, num_image_tokens, image_spec.image_size])
     batched = ImageBudgetBatchIterDataset(ds, batch_size=cfg["batch_size"], max_images=cfg["max_images_per_batch"],
                                           max_length=cfg["max_length"], image_size=image_spec.image_size,
                                           pad_id=prepare.pad_id, fingerprint=fingerprint)

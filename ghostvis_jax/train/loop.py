@@ -165,9 +165,10 @@ def run(cfg) -> dict[str, Any]:
     data_it = make_train_iterator(_data_config(cfg), tokenizer, model_config, seed=cfg.seed)
     setup = train_setup.build(model_config, cfg, mesh, total_steps=cfg.num_steps)
     if latest is not None:
-        setup.state, data_state, _ = ckpt.restore(latest, abstract_like(setup.state))
+        setup.state, data_state, meta = ckpt.restore(latest, abstract_like(setup.state))
         data_it.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
+        _warn_if_rows_per_step_changed(meta, cfg)
     run_log = RunLog(cfg.workdir, cfg.num_steps, int(setup.state["step"]), progress_bar=cfg.progress_bar)
     if jax.process_index() == 0:
         with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
@@ -284,6 +285,22 @@ def _schedules(cfg) -> dict:
     return {g: learning_rate_schedule(lr, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.num_steps,
                                       min_lr_ratio=cfg.optim.min_lr_ratio)
             for g, lr in group_learning_rates(cfg.optim).items()}
+
+
+def _warn_if_rows_per_step_changed(meta: dict, cfg) -> None:
+    """Another batch_size x grad_accum_steps split of the same rows per step resumes the run as it was (say on half
+    the GPUs with twice the accumulation); other rows per step change the recipe, which is allowed but said."""
+    saved = (meta or {}).get("config") or {}
+    try:
+        before = int(saved["data"]["batch_size"]) * int(saved["grad_accum_steps"])
+    except (KeyError, TypeError, ValueError):
+        return
+    now = cfg.data.batch_size * cfg.grad_accum_steps
+    if now != before:
+        log.warning("rows per step per process changed on resume: the checkpoint's run took %d (batch_size %s x "
+                    "grad_accum_steps %s), this run takes %d (%d x %d); the learning-rate schedule continues by step",
+                    before, saved["data"]["batch_size"], saved["grad_accum_steps"], now, cfg.data.batch_size,
+                    cfg.grad_accum_steps)
 
 
 def _meta(cfg, step: int) -> dict:

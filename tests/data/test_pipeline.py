@@ -64,6 +64,29 @@ def test_resume_from_saved_state_gives_identical_batches(tokenizer, tiny_model_c
         other.set_state(state)
 
 
+def _real_rows(batches):
+    """The non-padding rows of a run of batches, in order, as token tuples."""
+    return [tuple(r) for b in batches for r, n in zip(b["input_ids"], b["loss_mask"].sum(1)) if n > 0]
+
+
+def test_a_saved_state_resumes_with_another_batch_size(tokenizer, tiny_model_config):
+    """Half the rows per batch (half the devices, twice the accumulation) after a restore: the same rows follow,
+    in order, none skipped or repeated. The image budgets (3 of 4 rows, 1 of 2) make every batch carry a row over,
+    and the state is saved with one carried."""
+    make = lambda batch_size, images: pipeline.make_train_iterator(  # noqa: E731
+        {**DATA, "batch_size": batch_size, "max_images_per_batch": images}, tokenizer, tiny_model_config, seed=5,
+        process_index=0, process_count=1)
+    it = make(4, 3)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    following = _take(it, 4)
+    halves = make(2, 1)
+    halves.set_state(state)
+    want, got = _real_rows(following), _real_rows(_take(halves, 12))
+    assert len(want) == 12 and got == want
+    assert [int(b["num_images"].sum()) for b in following] == [3] * 4
+
+
 def test_two_processes_see_disjoint_shards(tokenizer):
     cfg = pipeline.resolve_data_config(DATA)
     ids = []

@@ -1,7 +1,9 @@
 """The training run end to end on 8 fake CPU devices: resume, checkpoints across meshes, config errors."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +57,33 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path):
     records = [json.loads(x) for x in open(os.path.join(split, "metrics.jsonl"))]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert os.path.exists(os.path.join(split, "loss_curve.png"))
+
+
+def test_resume_with_another_batch_split_continues_the_run(tmp_path, caplog):
+    """16 rows per step as 2 micro-batches of 8, then resumed as one batch of 16 (a move to a mesh where they fit):
+    the same rows train steps 4-6, so the losses match the unsplit run's to float32 summation order."""
+    whole = str(tmp_path / "whole")
+    run(tiny_train_config(whole, grad_accum_steps=2))
+    moved = str(tmp_path / "moved")
+    shutil.copytree(os.path.join(whole, "checkpoints", "3"), os.path.join(moved, "checkpoints", "3"))
+    with caplog.at_level(logging.WARNING, logger="ghostvis_jax.train.loop"):
+        out = run(tiny_train_config(moved, resume=True, **{"data.batch_size": 16}))
+    assert out["step"] == 6 and not [r for r in caplog.records if "rows per step" in r.getMessage()]
+    want, got = _losses(whole), _losses(moved)
+    assert sorted(got) == [4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
+
+
+def test_other_rows_per_step_on_resume_are_said(caplog):
+    from ghostvis_jax.train.loop import _warn_if_rows_per_step_changed
+
+    cfg = tiny_train_config("unused", grad_accum_steps=2)
+    with caplog.at_level(logging.WARNING, logger="ghostvis_jax.train.loop"):
+        _warn_if_rows_per_step_changed({"config": {"data": {"batch_size": 8}, "grad_accum_steps": 1}}, cfg)
+        _warn_if_rows_per_step_changed({"config": {"data": {"batch_size": 16}, "grad_accum_steps": 1}}, cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "rows per step per process changed on resume: the checkpoint's run took 8 (batch_size 8 x grad_accum_steps"
+        " 1), this run takes 16 (8 x 2); the learning-rate schedule continues by step"]
 
 
 def _setup(devices, **mesh):
