@@ -128,10 +128,10 @@ def test_decoder_loss_and_gradients_through_the_kernels_match_the_plain_decoder(
     def loss(m):
         return jnp.mean(jnp.square(m(x)[0].astype(jnp.float32)))
 
-    plain_loss, plain_grads = nnx.value_and_grad(loss)(model)
+    plain_loss, plain_grads = nnx.jit(nnx.value_and_grad(loss))(model)
     monkeypatch.setattr(qwen2, "split_qkv_rope", functools.partial(rope.split_qkv_rope, use_kernel=True,
                                                                    interpret=True))
-    kernel_loss, kernel_grads = nnx.value_and_grad(loss)(model)
+    kernel_loss, kernel_grads = nnx.jit(nnx.value_and_grad(loss))(model)  # a new jit: traced with the kernels
     np.testing.assert_allclose(float(kernel_loss), float(plain_loss), rtol=1e-3)
     # The kernels' gradient differs from autodiff's by at most an ulp of bf16 per element of dqkv; downstream
     # that stays a small relative difference of each leaf as a whole.

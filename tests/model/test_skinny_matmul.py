@@ -136,11 +136,18 @@ def test_decoder_steps_through_the_kernels_are_as_close_to_float32_as_xla(monkey
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((prompt, cache_len), bool)), (rows, 1, prompt, cache_len))
         _, cache = decoder(decoder.embed(ids[:, :prompt]), mask=mask, cache_index=0,
                            cache=qwen2.init_kv_cache(cfg, rows, cache_len, dtype))
+
+        @jax.jit  # one compiled step: the interpreted kernels run as XLA ops, not op by op
+        def step(graph_state, token, index, cache):
+            model = nnx.merge(graph, graph_state)
+            keys = KeyRange(start=jnp.zeros(rows, jnp.int32), end=jnp.full(rows, index + 1, jnp.int32))
+            return model(model.embed(token), positions=jnp.full((rows, 1), index), mask=keys, cache=cache,
+                         cache_index=index)
+
+        graph, graph_state = nnx.split(decoder)
         out = []
         for index in range(prompt, prompt + steps):
-            keys = KeyRange(start=jnp.zeros(rows, jnp.int32), end=jnp.full(rows, index + 1, jnp.int32))
-            hidden, cache = decoder(decoder.embed(ids[:, index:index + 1]), positions=jnp.full((rows, 1), index),
-                                    mask=keys, cache=cache, cache_index=index)
+            hidden, cache = step(graph_state, ids[:, index:index + 1], jnp.int32(index), cache)
             out.append(np.asarray(hidden, np.float32))
         return np.stack(out)
 

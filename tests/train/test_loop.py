@@ -1,5 +1,6 @@
 """The training run end to end on 8 fake CPU devices: resume, checkpoints across meshes, config errors."""
 
+import functools
 import json
 import logging
 import os
@@ -40,17 +41,27 @@ def _model_params(workdir):
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-def test_stop_and_resume_is_bitwise_identical(tmp_path):
-    straight = str(tmp_path / "straight")
-    run(tiny_train_config(straight))
-    split = str(tmp_path / "split")
-    first = run(tiny_train_config(split, max_steps_per_run=3))
-    assert first["step"] == 3 and "stopped_by" in first
-    assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["3"]
+@pytest.fixture(scope="module")
+def stopped_and_resumed(tmp_path_factory):
+    """An uninterrupted run (16 rows per step as 2 micro-batches of 8) and the same run stopped after step 3 and
+    resumed; the stopped run's step-3 checkpoint is also kept aside."""
+    tmp = tmp_path_factory.mktemp("resume")
+    config = functools.partial(tiny_train_config, grad_accum_steps=2)
+    straight, split = str(tmp / "straight"), str(tmp / "split")
+    run(config(straight))
+    first = run(config(split, max_steps_per_run=3))
+    shutil.copytree(os.path.join(split, "checkpoints", "3"), str(tmp / "step3"))
     with pytest.raises(ConfigError, match="already holds checkpoints up to step 3"):
-        run(tiny_train_config(split))
-    second = run(tiny_train_config(split, resume=True))
-    assert second["step"] == 6
+        run(config(split))
+    second = run(config(split, resume=True))
+    return {"tmp": tmp, "straight": straight, "split": split, "first": first, "second": second}
+
+
+def test_stop_and_resume_is_bitwise_identical(stopped_and_resumed):
+    r = stopped_and_resumed
+    straight, split = r["straight"], r["split"]
+    assert r["first"]["step"] == 3 and "stopped_by" in r["first"]
+    assert r["second"]["step"] == 6
     assert _losses(straight) == _losses(split)
     a, b = _model_params(straight), _model_params(split)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -59,17 +70,15 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path):
     assert os.path.exists(os.path.join(split, "loss_curve.png"))
 
 
-def test_resume_with_another_batch_split_continues_the_run(tmp_path, caplog):
-    """16 rows per step as 2 micro-batches of 8, then resumed as one batch of 16 (a move to a mesh where they fit):
+def test_resume_with_another_batch_split_continues_the_run(stopped_and_resumed, caplog):
+    """The step-3 checkpoint of 2 micro-batches of 8 resumed as one batch of 16 (a move to a mesh where they fit):
     the same rows train steps 4-6, so the losses match the unsplit run's to float32 summation order."""
-    whole = str(tmp_path / "whole")
-    run(tiny_train_config(whole, grad_accum_steps=2))
-    moved = str(tmp_path / "moved")
-    shutil.copytree(os.path.join(whole, "checkpoints", "3"), os.path.join(moved, "checkpoints", "3"))
+    moved = str(stopped_and_resumed["tmp"] / "moved")
+    shutil.copytree(str(stopped_and_resumed["tmp"] / "step3"), os.path.join(moved, "checkpoints", "3"))
     with caplog.at_level(logging.WARNING, logger="ghostvis_jax.train.loop"):
         out = run(tiny_train_config(moved, resume=True, **{"data.batch_size": 16}))
     assert out["step"] == 6 and not [r for r in caplog.records if "rows per step" in r.getMessage()]
-    want, got = _losses(whole), _losses(moved)
+    want, got = _losses(stopped_and_resumed["straight"]), _losses(moved)
     assert sorted(got) == [4, 5, 6]
     np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
 
