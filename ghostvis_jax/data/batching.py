@@ -85,11 +85,12 @@ def _empty_counts() -> dict[str, Any]:
 
 class ImageBudgetBatchIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, *, batch_size: int, max_images: int, max_length: int,
-                 image_size: int, pad_id: int, fingerprint: str = ""):
+                 image_size: int, pad_id: int, fingerprint: str = "", also_accepts: tuple[str, ...] = ()):
         super().__init__(parent)
         self.batch_size, self.max_images, self.max_length = int(batch_size), int(max_images), int(max_length)
         self.image_size, self.pad_id = int(image_size), int(pad_id)
         self.fingerprint = fingerprint
+        self.also_accepts = tuple(also_accepts)  # states saved by older versions' fingerprints of the same stream
 
     def __iter__(self) -> "ImageBudgetBatchIterator":
         return ImageBudgetBatchIterator(self._parent.__iter__(), self)
@@ -186,7 +187,7 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
                 "fingerprint": self._spec.fingerprint}
 
     def set_state(self, state: dict[str, Any]):
-        if state.get("fingerprint") != self._spec.fingerprint:
+        if state.get("fingerprint") not in (self._spec.fingerprint, *self._spec.also_accepts):
             raise ValueError("data iterator state was saved with a different data config / seed / process count "
                              f"(fingerprint {state.get('fingerprint')!r}, now {self._spec.fingerprint!r})")
         self._parent.set_state(state["parent"])

@@ -211,9 +211,14 @@ def make_train_iterator(data_config: Any, tokenizer, model_config, *, seed: int,
     # saved state is the row stream's position before any carried-over row, so a regrouping reads every row once.
     fingerprint = _fingerprint([cfg["datasets"], cfg["max_length"], cfg["synthetic"], seed, process_index,
                                 process_count, num_image_tokens, image_spec.image_size])
+    # Checkpoints written before 2026-11-26 fingerprinted the batch shape too: they resume with that same shape.
+    with_batch_shape = _fingerprint([cfg["datasets"], cfg["batch_size"], cfg["max_length"],
+                                     cfg["max_images_per_batch"], cfg["synthetic"], seed, process_index,
+                                     process_count, num_image_tokens, image_spec.image_size])
     batched = ImageBudgetBatchIterDataset(ds, batch_size=cfg["batch_size"], max_images=cfg["max_images_per_batch"],
                                           max_length=cfg["max_length"], image_size=image_spec.image_size,
-                                          pad_id=prepare.pad_id, fingerprint=fingerprint)
+                                          pad_id=prepare.pad_id, fingerprint=fingerprint,
+                                          also_accepts=(with_batch_shape,))
     return DataIterator(batched, info)
 
 

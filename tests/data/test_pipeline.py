@@ -87,6 +87,27 @@ def test_a_saved_state_resumes_with_another_batch_size(tokenizer, tiny_model_con
     assert [int(b["num_images"].sum()) for b in following] == [3] * 4
 
 
+def test_a_state_saved_before_the_batch_shape_left_the_fingerprint_still_resumes(tokenizer, tiny_model_config):
+    """Checkpoints written before 2026-11-26 carry a fingerprint of the batch shape too (this formula, frozen):
+    they resume at that shape, and are refused by name at another."""
+    data = {**DATA, "batch_size": 4}
+    cfg = pipeline.resolve_data_config(data)
+    older = pipeline._fingerprint([cfg["datasets"], cfg["batch_size"], cfg["max_length"], cfg["max_images_per_batch"],
+                                   cfg["synthetic"], 1, 0, 1, 4, 16])
+    it = pipeline.make_train_iterator(data, tokenizer, tiny_model_config, seed=1, process_index=0, process_count=1)
+    _take(it, 2)
+    state = {**it.get_state(), "fingerprint": older}
+    following = _take(it, 2)
+    same_shape = pipeline.make_train_iterator(data, tokenizer, tiny_model_config, seed=1, process_index=0,
+                                              process_count=1)
+    same_shape.set_state(state)
+    _assert_same(following, _take(same_shape, 2))
+    other_shape = pipeline.make_train_iterator({**data, "batch_size": 2}, tokenizer, tiny_model_config, seed=1,
+                                               process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=f"different data config .*fingerprint '{older}'"):
+        other_shape.set_state(state)
+
+
 def test_two_processes_see_disjoint_shards(tokenizer):
     cfg = pipeline.resolve_data_config(DATA)
     ids = []
