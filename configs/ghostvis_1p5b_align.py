@@ -22,8 +22,10 @@ def get_config():
     c.optim.warmup_steps = 500
     c.data.recipe = "vision_pretrain"
     c.data.datasets = dataset_slots(c.data.recipe)  # --config.data.datasets.NAME.path=… / .image_root=…
-    c.data.batch_size, c.data.max_length = 8, 2048           # rows per process; x processes x grad_accum_steps
-    c.grad_accum_steps = 4
+    c.data.max_length = 2048
+    # 256 rows per step on any device count: 8 rows per GPU per micro-batch (37.9 GiB on an H100 at sft), the
+    # rest by accumulation (4 micro-batches on one 8-GPU host, 1 on four). The run log prints the split.
+    c.data.batch_size, c.rows_per_device, c.global_batch_size = 0, 8, 256
     # The frozen weights (decoder, tower) are 3.3-3.7 GB in bf16: a whole copy per GPU takes less memory
     # than their gather buffers and skips their all-gathers each step; trainable weights, gradients and optimizer
     # state stay sharded (ZeRO-3). 2 GPUs: 96.1-97.8% of one GPU's speed per GPU vs 93.6-95.3% (docs/LOG.md).

@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.shard_frozen = True
     c.num_steps = 1000
     c.grad_accum_steps = 1                  # micro-batches per step; rows per step = data.batch_size x this x processes
+    # The same recipe on any device count: rows per device per micro-batch (sets data.batch_size, which is then
+    # left at 0) and rows per optimizer step over all processes (sets grad_accum_steps, then left at 1). 0 = unset.
+    c.rows_per_device = 0
+    c.global_batch_size = 0
     c.num_trainable_layers = 4              # sft: the last N decoder layers train
     c.compute_dtype = "bfloat16"
     c.frozen_param_dtype = "bfloat16"       # storage of frozen weights; trainable ones keep float32 masters
@@ -92,6 +96,38 @@ def unknown_override(config: ml_collections.ConfigDict, argv: list[str]) -> str 
                 return f"unknown config key '{walked}.{part}'; valid keys of {walked}: {valid}"
             node, walked = node[part], f"{walked}.{part}"
     return None
+
+
+def resolve_batch_split(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Fill data.batch_size from rows_per_device and grad_accum_steps from global_batch_size (where those are
+    set) for this many devices and processes, in place: 256 rows per step at 8 rows per device is 4 micro-batches
+    on one 8-GPU host, 32 on one GPU, 1 on four hosts."""
+    for key in ("rows_per_device", "global_batch_size"):
+        if not isinstance(c[key], int) or c[key] < 0:
+            raise ConfigError(f"config.{key} must be an integer >= 0, got {c[key]!r}")
+    if c.rows_per_device:
+        if c.data.batch_size:
+            raise ConfigError(f"config.data.batch_size={c.data.batch_size} and config.rows_per_device="
+                              f"{c.rows_per_device} both set the rows per micro-batch: set one, the other to 0")
+        try:
+            data, fsdp, _ = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+        except ValueError as e:
+            raise ConfigError(f"config.mesh: {e}") from None
+        if (data * fsdp) % num_processes:
+            raise ConfigError(f"config.rows_per_device: the batch axes data x fsdp = {data * fsdp} do not split "
+                              f"evenly over {num_processes} processes; set config.data.batch_size instead")
+        c.data.batch_size = c.rows_per_device * data * fsdp // num_processes
+    if c.global_batch_size:
+        if c.grad_accum_steps != 1:
+            raise ConfigError(f"config.grad_accum_steps={c.grad_accum_steps} and config.global_batch_size="
+                              f"{c.global_batch_size} both set the micro-batches per step: set one (leave "
+                              "grad_accum_steps at 1 to derive it)")
+        micro = c.data.batch_size * num_processes
+        if micro <= 0 or c.global_batch_size % micro:
+            raise ConfigError(f"config.global_batch_size={c.global_batch_size} is not a multiple of the rows per "
+                              f"micro-batch, {micro} (data.batch_size {c.data.batch_size} x {num_processes} "
+                              "processes)")
+        c.grad_accum_steps = c.global_batch_size // micro
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:

@@ -18,7 +18,7 @@ from ghostvis_jax import checkpoint, sharding
 from ghostvis_jax.config import GhostVisConfig, preset
 from ghostvis_jax.train import setup as train_setup
 from ghostvis_jax.train.checkpointing import TrainCheckpointer, abstract_like
-from ghostvis_jax.train.config import ConfigError, validate
+from ghostvis_jax.train.config import ConfigError, resolve_batch_split, validate
 from ghostvis_jax.train.feedback import RunLog, peak_memory_gib, plot_loss_curve
 from ghostvis_jax.train.flops import train_step_flops
 from ghostvis_jax.train.step import stack_micro_batches
@@ -145,6 +145,7 @@ def enable_compilation_cache(path: str) -> None:
 def run(cfg) -> dict[str, Any]:
     maybe_initialize_distributed()
     enable_compilation_cache(cfg.compilation_cache_dir)
+    resolve_batch_split(cfg, jax.device_count(), jax.process_count())
     validate(cfg, jax.device_count(), jax.process_count())
     from transformers import AutoTokenizer
 
@@ -184,9 +185,10 @@ def run(cfg) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    run_log.message(f"train step compiled in {compile_s:.1f} s; mesh {dict(mesh.shape)}; "
-                    f"{jax.device_count()} devices, {jax.process_count()} processes")
     rows, seq = batch["input_ids"].shape[1] * cfg.grad_accum_steps, batch["input_ids"].shape[2]
+    run_log.message(f"train step compiled in {compile_s:.1f} s; mesh {dict(mesh.shape)}; "
+                    f"{jax.device_count()} devices, {jax.process_count()} processes; {rows} rows per step = "
+                    f"{cfg.grad_accum_steps} micro-batch(es) of {batch['input_ids'].shape[1]}")
     on_gpu = jax.default_backend() == "gpu"
 
     step = int(setup.state["step"])

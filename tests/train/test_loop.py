@@ -71,12 +71,14 @@ def test_stop_and_resume_is_bitwise_identical(stopped_and_resumed):
 
 
 def test_resume_with_another_batch_split_continues_the_run(stopped_and_resumed, caplog):
-    """The step-3 checkpoint of 2 micro-batches of 8 resumed as one batch of 16 (a move to a mesh where they fit):
-    the same rows train steps 4-6, so the losses match the unsplit run's to float32 summation order."""
+    """The step-3 checkpoint of 2 micro-batches of 8 resumed as one batch of 16 (a move to a mesh where they fit,
+    here 2 rows on each of 8 devices for 16 rows per step): the same rows train steps 4-6, so the losses match the
+    unsplit run's to float32 summation order."""
     moved = str(stopped_and_resumed["tmp"] / "moved")
     shutil.copytree(str(stopped_and_resumed["tmp"] / "step3"), os.path.join(moved, "checkpoints", "3"))
     with caplog.at_level(logging.WARNING, logger="ghostvis_jax.train.loop"):
-        out = run(tiny_train_config(moved, resume=True, **{"data.batch_size": 16}))
+        out = run(tiny_train_config(moved, resume=True, rows_per_device=2, global_batch_size=16,
+                                    **{"data.batch_size": 0}))
     assert out["step"] == 6 and not [r for r in caplog.records if "rows per step" in r.getMessage()]
     want, got = _losses(stopped_and_resumed["straight"]), _losses(moved)
     assert sorted(got) == [4, 5, 6]
@@ -146,11 +148,33 @@ def test_cli_unknown_key_and_missing_checkpoint_fail_before_compiling(tmp_path):
     ({"num_steps": 0}, r"config.num_steps must be a positive integer"),
     ({"stage": "pretrain"}, r"config.stage must be one of"),
     ({"data.max_images_per_batch": 4}, r"max_images_per_batch=4 .* not divisible"),
+    ({"rows_per_device": 2}, r"data.batch_size=8 and config.rows_per_device=2 both set the rows per micro-batch"),
+    ({"global_batch_size": 16, "grad_accum_steps": 2}, r"grad_accum_steps=2 and config.global_batch_size=16 both"),
+    ({"global_batch_size": 20}, r"global_batch_size=20 is not a multiple of the rows per micro-batch, 8 "
+                                r"\(data.batch_size 8 x 1 processes\)"),
+    ({"rows_per_device": -1}, r"config.rows_per_device must be an integer >= 0, got -1"),
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         run(tiny_train_config(str(tmp_path / "w"), **override))
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("devices,processes,mesh,want", [
+    (8, 1, {}, (64, 4)),                      # one 8-GPU host: 8 rows each, 4 micro-batches
+    (1, 1, {}, (8, 32)),                      # one GPU
+    (32, 4, {}, (64, 1)),                     # four hosts: 64 rows per process, no accumulation
+    (8, 1, {"data": 2, "fsdp": 2, "tensor": 2}, (32, 8)),  # tensor-parallel pairs share their rows
+])
+def test_rows_per_device_and_global_batch_size_give_the_same_rows_per_step_anywhere(devices, processes, mesh, want):
+    from ghostvis_jax.train.config import resolve_batch_split
+
+    cfg = tiny_train_config("unused", rows_per_device=8, global_batch_size=256, **{"data.batch_size": 0})
+    for key, value in mesh.items():
+        cfg.mesh[key] = value
+    resolve_batch_split(cfg, devices, processes)
+    assert (cfg.data.batch_size, cfg.grad_accum_steps) == want
+    assert cfg.data.batch_size * cfg.grad_accum_steps * processes == 256
 
 
 @pytest.mark.parametrize("config", ["ghostvis_1p5b_align.py", "ghostvis_1p5b_sft.py", "demo_sft.py"])
