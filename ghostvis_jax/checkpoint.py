@@ -108,6 +108,11 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     if shardings is not None:
         abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                           abstract, shardings)
+    mismatch = _shape_mismatches(params_dir, abstract)
+    if mismatch:  # refused before orbax starts reads it would abandon (their errors surface later as noise)
+        (name, (got, want)), more = mismatch[0], len(mismatch) - 1
+        raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE}: {name} is {got} in {PARAMS_DIR}/, "
+                              f"the config gives {want}" + (f" (and {more} more)" if more else ""))
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, abstract)
     except Exception as e:  # noqa: BLE001 — orbax raises many types for a tree that does not match
@@ -124,11 +129,31 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     return params
 
 
+def _stored_tree(params_dir: str):
+    """The folder's parameter tree of array metadata (shapes, dtypes), or None where it cannot be read."""
+    try:
+        return ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception:  # noqa: BLE001 — unreadable metadata: the caller reports the restore error instead
+        return None
+
+
+def _shape_mismatches(params_dir: str, abstract) -> list[tuple[str, tuple]]:
+    """(name, (stored shape, config's shape)) for every parameter both trees hold with different shapes."""
+    tree = _stored_tree(params_dir)
+    if tree is None:
+        return []
+    stored = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(getattr(leaf, "shape", ()) or ())
+              for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    wanted = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(leaf.shape)
+              for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    return [(name, (stored[name], shape)) for name, shape in wanted.items()
+            if name in stored and stored[name] != shape]
+
+
 def _unfused_projections(params_dir: str) -> list[str]:
     """Names of the pre-fusion decoder projections (q_proj, gate_proj, …) stored in `params_dir`, if any."""
-    try:
-        tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
-    except Exception:  # noqa: BLE001 — unreadable metadata: the caller reports the restore error instead
+    tree = _stored_tree(params_dir)
+    if tree is None:
         return []
     old_names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     paths = [tuple(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
