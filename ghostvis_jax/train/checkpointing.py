@@ -18,6 +18,32 @@ from ghostvis_jax.checkpoint import all_finite
 
 log = logging.getLogger(__name__)
 
+# The config keys that decide the train state's tree and shapes (what a resume must keep).
+STATE_KEYS = ("stage", "num_trainable_layers", "model_preset", "model")
+
+
+class StateMismatchError(ValueError):
+    """A checkpoint's train state has another tree or other shapes than this run builds."""
+
+
+def _flat(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{prefix}.{name}").items()}
+    return {prefix: value}
+
+
+def state_key_differences(saved_config: dict, cfg) -> list[str]:
+    """`key: saved -> now` for each leaf under STATE_KEYS that the checkpoint's run set otherwise."""
+    out = []
+    for key in STATE_KEYS:
+        if key not in saved_config:
+            continue
+        now = cfg[key].to_dict() if hasattr(cfg[key], "to_dict") else cfg[key]
+        before, after = _flat(saved_config[key], key), _flat(now, key)
+        out += [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
+                for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    return out
+
 
 class TrainCheckpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
@@ -48,8 +74,18 @@ class TrainCheckpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[dict, Any, dict]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                                   meta=ocp.args.JsonRestore())
-        out = self.manager.restore(step, args=args)
+        try:
+            out = self.manager.restore(step, args=args)
+        except ValueError as e:  # orbax: the stored tree or its shapes differ from the abstract state
+            raise StateMismatchError(str(e).split("\n", 1)[0]) from None
         return out["state"], out["data"], out["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        """The run metadata of a step alone (what config wrote it), without reading its arrays."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+        except Exception:  # noqa: BLE001 — best effort: only used to explain another error
+            return {}
 
     def wait(self) -> None:
         try:

@@ -17,7 +17,8 @@ import jax
 from ghostvis_jax import checkpoint, sharding
 from ghostvis_jax.config import GhostVisConfig, preset
 from ghostvis_jax.train import setup as train_setup
-from ghostvis_jax.train.checkpointing import TrainCheckpointer, abstract_like
+from ghostvis_jax.train.checkpointing import (StateMismatchError, TrainCheckpointer, abstract_like,
+                                              state_key_differences)
 from ghostvis_jax.train.config import ConfigError, resolve_batch_split, validate
 from ghostvis_jax.train.feedback import RunLog, peak_memory_gib, plot_loss_curve
 from ghostvis_jax.train.flops import train_step_flops
@@ -166,7 +167,14 @@ def run(cfg) -> dict[str, Any]:
     data_it = make_train_iterator(_data_config(cfg), tokenizer, model_config, seed=cfg.seed)
     setup = train_setup.build(model_config, cfg, mesh, total_steps=cfg.num_steps)
     if latest is not None:
-        setup.state, data_state, meta = ckpt.restore(latest, abstract_like(setup.state))
+        try:
+            setup.state, data_state, meta = ckpt.restore(latest, abstract_like(setup.state))
+        except StateMismatchError as e:
+            saved = (ckpt.restore_meta(latest).get("config") or {})
+            differs = state_key_differences(saved, cfg)
+            raise ConfigError(f"{ckpt.directory}/{latest} holds a train state that this config does not build ("
+                              + ("; ".join(differs) if differs else str(e)) + "): resume with the config that "
+                              "wrote it, or start a new --config.workdir") from None
         data_it.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
         _warn_if_rows_per_step_changed(meta, cfg)
