@@ -177,6 +177,11 @@ BAD_CONFIGS = [
     ({"mesh.data": 2, "mesh.fsdp": 4, "data.batch_size": 4}, r"batch_size=4 .*not divisible"),
     ({"stage": "pretrain"}, r"config.stage must be one of"),
     ({"init": "checkpoint", "init_checkpoint": "/no/such/model"}, r"no such folder '/no/such/model'"),
+    ({"rows_per_device": 2}, r"data.batch_size=8 and config.rows_per_device=2 both set the rows per micro-batch"),
+    ({"global_batch_size": 16, "grad_accum_steps": 2}, r"grad_accum_steps=2 and config.global_batch_size=16 both"),
+    ({"global_batch_size": 20}, r"global_batch_size=20 is not a multiple of the rows per micro-batch, 8 "
+                                r"\(data.batch_size 8 x 1 processes\)"),
+    ({"rows_per_device": -1}, r"config.rows_per_device must be an integer >= 0, got -1"),
 ]
 
 

@@ -156,11 +156,6 @@ def test_cli_unknown_key_and_missing_checkpoint_fail_before_compiling(tmp_path):
     ({"num_steps": 0}, r"config.num_steps must be a positive integer"),
     ({"stage": "pretrain"}, r"config.stage must be one of"),
     ({"data.max_images_per_batch": 4}, r"max_images_per_batch=4 .* not divisible"),
-    ({"rows_per_device": 2}, r"data.batch_size=8 and config.rows_per_device=2 both set the rows per micro-batch"),
-    ({"global_batch_size": 16, "grad_accum_steps": 2}, r"grad_accum_steps=2 and config.global_batch_size=16 both"),
-    ({"global_batch_size": 20}, r"global_batch_size=20 is not a multiple of the rows per micro-batch, 8 "
-                                r"\(data.batch_size 8 x 1 processes\)"),
-    ({"rows_per_device": -1}, r"config.rows_per_device must be an integer >= 0, got -1"),
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
