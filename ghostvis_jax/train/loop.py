@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -146,6 +147,7 @@ def enable_compilation_cache(path: str) -> None:
 def run(cfg) -> dict[str, Any]:
     maybe_initialize_distributed()
     enable_compilation_cache(cfg.compilation_cache_dir)
+    cfg = copy.deepcopy(cfg)  # the batch split is resolved in place; the caller's config stays as given
     resolve_batch_split(cfg, jax.device_count(), jax.process_count())
     validate(cfg, jax.device_count(), jax.process_count())
     from transformers import AutoTokenizer

@@ -77,9 +77,10 @@ def test_resume_with_another_batch_split_continues_the_run(stopped_and_resumed, 
     moved = str(stopped_and_resumed["tmp"] / "moved")
     shutil.copytree(str(stopped_and_resumed["tmp"] / "step3"), os.path.join(moved, "checkpoints", "3"))
     with caplog.at_level(logging.WARNING, logger="ghostvis_jax.train.loop"):
-        out = run(tiny_train_config(moved, resume=True, rows_per_device=2, global_batch_size=16,
-                                    **{"data.batch_size": 0}))
+        cfg = tiny_train_config(moved, resume=True, rows_per_device=2, global_batch_size=16, **{"data.batch_size": 0})
+        out = run(cfg)
     assert out["step"] == 6 and not [r for r in caplog.records if "rows per step" in r.getMessage()]
+    assert (cfg.data.batch_size, cfg.grad_accum_steps) == (0, 1)  # resolved on a copy: run(cfg) can run again
     want, got = _losses(stopped_and_resumed["straight"]), _losses(moved)
     assert sorted(got) == [4, 5, 6]
     np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
