@@ -108,7 +108,8 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     if shardings is not None:
         abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                           abstract, shardings)
-    mismatch = _shape_mismatches(params_dir, abstract)
+    stored = _stored_tree(params_dir)
+    mismatch = _shape_mismatches(stored, abstract)
     if mismatch:  # refused before orbax starts reads it would abandon (their errors surface later as noise)
         (name, (got, want)), more = mismatch[0], len(mismatch) - 1
         raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE}: {name} is {got} in {PARAMS_DIR}/, "
@@ -116,7 +117,7 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, abstract)
     except Exception as e:  # noqa: BLE001 — orbax raises many types for a tree that does not match
-        unfused = _unfused_projections(params_dir)
+        unfused = _unfused_projections(stored)
         if unfused:
             raise CheckpointError(
                 f"{path}: written by an earlier ghostvis_jax with separate decoder projections ({', '.join(unfused)}); "
@@ -137,27 +138,27 @@ def _stored_tree(params_dir: str):
         return None
 
 
-def _shape_mismatches(params_dir: str, abstract) -> list[tuple[str, tuple]]:
+def _leaves_by_path(tree) -> dict[tuple[str, ...], object]:
+    """A pytree's leaves by their path of names (dict keys as given, other keys as printed)."""
+    return {tuple(str(getattr(k, "key", k)) for k in p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape_mismatches(stored_tree, abstract) -> list[tuple[str, tuple]]:
     """(name, (stored shape, config's shape)) for every parameter both trees hold with different shapes."""
-    tree = _stored_tree(params_dir)
-    if tree is None:
+    if stored_tree is None:
         return []
-    stored = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(getattr(leaf, "shape", ()) or ())
-              for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    wanted = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(leaf.shape)
-              for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    return [(name, (stored[name], shape)) for name, shape in wanted.items()
-            if name in stored and stored[name] != shape]
+    stored = {path: tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in _leaves_by_path(stored_tree).items()}
+    return [("/".join(path), (stored[path], tuple(leaf.shape))) for path, leaf in _leaves_by_path(abstract).items()
+            if path in stored and stored[path] != tuple(leaf.shape)]
 
 
-def _unfused_projections(params_dir: str) -> list[str]:
-    """Names of the pre-fusion decoder projections (q_proj, gate_proj, …) stored in `params_dir`, if any."""
-    tree = _stored_tree(params_dir)
-    if tree is None:
+def _unfused_projections(stored_tree) -> list[str]:
+    """Names of the pre-fusion decoder projections (q_proj, gate_proj, …) in a stored parameter tree, if any."""
+    if stored_tree is None:
         return []
     old_names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-    paths = [tuple(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return sorted({n for p in paths if p[:1] == ("llm",) for n in p if n in old_names})
+    return sorted({n for p in _leaves_by_path(stored_tree) if p[:1] == ("llm",) for n in p if n in old_names})
 
 
 def load_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[GhostVisConfig, GhostVisModel]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from ghostvis_jax.checkpoint import all_finite
 
@@ -26,12 +27,6 @@ class StateMismatchError(ValueError):
     """A checkpoint's train state has another tree or other shapes than this run builds."""
 
 
-def _flat(value, prefix: str) -> dict:
-    if isinstance(value, dict):
-        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{prefix}.{name}").items()}
-    return {prefix: value}
-
-
 def state_key_differences(saved_config: dict, cfg) -> list[str]:
     """`key: saved -> now` for each leaf under STATE_KEYS that the checkpoint's run set otherwise."""
     out = []
@@ -39,7 +34,7 @@ def state_key_differences(saved_config: dict, cfg) -> list[str]:
         if key not in saved_config:
             continue
         now = cfg[key].to_dict() if hasattr(cfg[key], "to_dict") else cfg[key]
-        before, after = _flat(saved_config[key], key), _flat(now, key)
+        before, after = (traverse_util.flatten_dict({key: v}, sep=".") for v in (saved_config[key], now))
         out += [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
                 for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     return out
