@@ -108,8 +108,8 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     if shardings is not None:
         abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                           abstract, shardings)
-    stored = _stored_tree(params_dir)
-    mismatch = _shape_mismatches(stored, abstract)
+    stored = stored_tree(params_dir)
+    mismatch = shape_mismatches(stored, abstract)
     if mismatch:  # refused before orbax starts reads it would abandon (their errors surface later as noise)
         (name, (got, want)), more = mismatch[0], len(mismatch) - 1
         raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE}: {name} is {got} in {PARAMS_DIR}/, "
@@ -130,10 +130,13 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     return params
 
 
-def _stored_tree(params_dir: str):
-    """The folder's parameter tree of array metadata (shapes, dtypes), or None where it cannot be read."""
+def stored_tree(directory: str):
+    """The tree of array metadata (shapes, dtypes) of an orbax item folder (a model's params/, a train
+    checkpoint's state/), or None where it cannot be read. Reads no arrays."""
+    from etils import epath
+
     try:
-        return ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+        return ocp.StandardCheckpointHandler().metadata(epath.Path(directory))
     except Exception:  # noqa: BLE001 — unreadable metadata: the caller reports the restore error instead
         return None
 
@@ -144,11 +147,12 @@ def _leaves_by_path(tree) -> dict[tuple[str, ...], object]:
             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _shape_mismatches(stored_tree, abstract) -> list[tuple[str, tuple]]:
-    """(name, (stored shape, config's shape)) for every parameter both trees hold with different shapes."""
-    if stored_tree is None:
+def shape_mismatches(stored, abstract) -> list[tuple[str, tuple]]:
+    """(name, (stored shape, abstract's shape)) for every array both trees hold with different shapes; `stored`
+    from `stored_tree` (None: nothing known, no mismatch)."""
+    if stored is None:
         return []
-    stored = {path: tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in _leaves_by_path(stored_tree).items()}
+    stored = {path: tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in _leaves_by_path(stored).items()}
     return [("/".join(path), (stored[path], tuple(leaf.shape))) for path, leaf in _leaves_by_path(abstract).items()
             if path in stored and stored[path] != tuple(leaf.shape)]
 

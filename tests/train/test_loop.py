@@ -4,6 +4,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,12 +87,16 @@ def test_resume_with_another_batch_split_continues_the_run(stopped_and_resumed, 
     np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
 
 
-def test_resume_with_a_config_that_builds_another_state_is_refused_by_key(stopped_and_resumed):
-    other = str(stopped_and_resumed["tmp"] / "other_layers")
+@pytest.mark.parametrize("change,named", [
+    ({"num_trainable_layers": 2}, "num_trainable_layers: 1 -> 2"),                    # another tree
+    ({"model.llm.intermediate_size": 96}, "model.llm.intermediate_size: 128 -> 96"),  # other shapes
+], ids=["another-tree", "other-shapes"])
+def test_resume_with_a_config_that_builds_another_state_is_refused_by_key(stopped_and_resumed, change, named):
+    other = str(stopped_and_resumed["tmp"] / ("other_" + "_".join(change)))
     shutil.copytree(str(stopped_and_resumed["tmp"] / "step3"), os.path.join(other, "checkpoints", "3"))
     with pytest.raises(ConfigError, match=r"checkpoints/3 holds a train state that this config does not build "
-                                          r"\(num_trainable_layers: 1 -> 2\): resume with the config that wrote it"):
-        run(tiny_train_config(other, resume=True, grad_accum_steps=2, num_trainable_layers=2))
+                                          rf"\({re.escape(named)}\): resume with the config that wrote it"):
+        run(tiny_train_config(other, resume=True, grad_accum_steps=2, **change))
 
 
 def test_other_rows_per_step_on_resume_are_said(caplog):
