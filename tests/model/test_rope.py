@@ -17,12 +17,13 @@ from ghostvis_jax.model import qwen2, rope
 
 
 def _inputs(b, t, kv, group, h, seed=0, dtype=jnp.bfloat16):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    qkv = jax.random.normal(keys[0], (b, t, kv, group + 2, h)).astype(dtype)
-    positions = jnp.arange(t)[None, :] + jax.random.randint(keys[1], (b, 1), 0, 1000)  # rows at other offsets
-    cos, sin = rope.rope_cos_sin(positions, h, 10000.0)
-    cotangents = tuple(jax.random.normal(k, s).astype(dtype) for k, s in
-                       zip(keys[2:], [(b, t, kv * group, h), (b, t, kv, h), (b, t, kv, h)]))
+    # numpy draws: jax.random here compiled a few dozen tiny programs per shape (~2 s per call on 2 cores)
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(rng.normal(size=(b, t, kv, group + 2, h)), dtype)
+    positions = np.arange(t)[None, :] + rng.integers(0, 1000, size=(b, 1))  # rows at other offsets
+    cos, sin = rope.rope_cos_sin(jnp.asarray(positions), h, 10000.0)
+    cotangents = tuple(jnp.asarray(rng.normal(size=s), dtype)
+                       for s in [(b, t, kv * group, h), (b, t, kv, h), (b, t, kv, h)])
     return qkv, cos, sin, cotangents
 
 
@@ -32,10 +33,13 @@ def _f32(x):
 
 def _within_an_ulp(got, want):
     """bf16 results of the same float32 math: XLA may contract a multiply-add where Triton does not, which moves
-    a rounding now and then, by one bf16 ulp."""
+    a rounding now and then, by one bf16 ulp (or by a float32 rounding of the products, where they cancel)."""
     got, want = _f32(got), _f32(want)
-    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 2.0 ** -126))) - 7)
-    assert np.all(np.abs(got - want) <= ulp), np.abs(got - want).max()
+    larger = np.maximum(np.abs(got), np.abs(want))  # across a power of 2 the step is the larger side's ulp
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(larger, 2.0 ** -126))) - 7)
+    # Where x·cos and rot(x)·sin (inputs of size ~1) nearly cancel, the contracted and the separate float32
+    # roundings (~2^-24 each) can move the small result by more than its own ulp: allow that absolute amount.
+    assert np.all(np.abs(got - want) <= ulp + 2.0 ** -21), np.abs(got - want).max()
 
 
 def test_reference_split_is_rope_on_q_and_k_in_hf_head_order():
