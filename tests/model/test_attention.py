@@ -8,7 +8,8 @@ from ghostvis_jax.model.attention import attention, naive_attention, pick_implem
 
 def _qkv(seed, b=2, t=7, s=7, n=4, k=2, h=16):
     rng = np.random.default_rng(seed)  # numpy draws: no tiny jax programs to compile per shape
-    return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(b, t, n, h), (b, s, k, h), (b, s, k, h)])
+    shapes = [(b, t, n, h), (b, s, k, h), (b, s, k, h)]
+    return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes)
 
 
 def _loop_reference(q, k, v, causal, mask=None):
