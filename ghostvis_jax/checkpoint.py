@@ -152,9 +152,9 @@ def shape_mismatches(stored, abstract) -> list[tuple[str, tuple]]:
     from `stored_tree` (None: nothing known, no mismatch)."""
     if stored is None:
         return []
-    stored = {path: tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in _leaves_by_path(stored).items()}
-    return [("/".join(path), (stored[path], tuple(leaf.shape))) for path, leaf in _leaves_by_path(abstract).items()
-            if path in stored and stored[path] != tuple(leaf.shape)]
+    shapes = {path: tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in _leaves_by_path(stored).items()}
+    return [("/".join(path), (shapes[path], tuple(leaf.shape))) for path, leaf in _leaves_by_path(abstract).items()
+            if path in shapes and shapes[path] != tuple(leaf.shape)]
 
 
 def _unfused_projections(stored_tree) -> list[str]:
