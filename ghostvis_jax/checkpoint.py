@@ -111,9 +111,8 @@ def load_params(path: str, config: GhostVisConfig, *, param_dtype=jnp.float32, s
     stored = stored_tree(params_dir)
     mismatch = shape_mismatches(stored, abstract)
     if mismatch:  # refused before orbax starts reads it would abandon (their errors surface later as noise)
-        (name, (got, want)), more = mismatch[0], len(mismatch) - 1
-        raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE}: {name} is {got} in {PARAMS_DIR}/, "
-                              f"the config gives {want}" + (f" (and {more} more)" if more else ""))
+        raise CheckpointError(f"{path}: parameters do not match {CONFIG_FILE}: "
+                              + describe_mismatch(mismatch, stored_in=f"{PARAMS_DIR}/", wanted_by="the config gives"))
     try:
         params = ocp.StandardCheckpointer().restore(params_dir, abstract)
     except Exception as e:  # noqa: BLE001 — orbax raises many types for a tree that does not match
@@ -155,6 +154,12 @@ def shape_mismatches(stored, abstract) -> list[tuple[str, tuple]]:
     shapes = {path: tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in _leaves_by_path(stored).items()}
     return [("/".join(path), (shapes[path], tuple(leaf.shape))) for path, leaf in _leaves_by_path(abstract).items()
             if path in shapes and shapes[path] != tuple(leaf.shape)]
+
+
+def describe_mismatch(mismatch: list[tuple[str, tuple]], *, stored_in: str, wanted_by: str) -> str:
+    """The first of `shape_mismatches` in words: "NAME is GOT in STORED_IN, WANTED_BY WANT (and N more)"."""
+    (name, (got, want)), more = mismatch[0], len(mismatch) - 1
+    return f"{name} is {got} in {stored_in}, {wanted_by} {want}" + (f" (and {more} more)" if more else "")
 
 
 def _unfused_projections(stored_tree) -> list[str]:

@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from ghostvis_jax.checkpoint import all_finite, shape_mismatches, stored_tree
+from ghostvis_jax.checkpoint import all_finite, describe_mismatch, shape_mismatches, stored_tree
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ class TrainCheckpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[dict, Any, dict]:
         mismatch = shape_mismatches(stored_tree(os.path.join(self.directory, str(step), "state")), abstract_state)
         if mismatch:  # refused before orbax starts reads it would abandon (their errors surface later as noise)
-            (name, (got, want)), more = mismatch[0], len(mismatch) - 1
-            raise StateMismatchError(f"{name} is {got} in the checkpoint, this run builds {want}"
-                                     + (f" (and {more} more)" if more else ""))
+            raise StateMismatchError(describe_mismatch(mismatch, stored_in="the checkpoint",
+                                                       wanted_by="this run builds"))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                                   meta=ocp.args.JsonRestore())
         try:
