@@ -23,6 +23,9 @@ def get_config():
     c.data.recipe = "vision_pretrain"
     c.data.datasets = dataset_slots(c.data.recipe)  # --config.data.datasets.NAME.path=… / .image_root=…
     c.data.max_length = 2048
+    # Caption rows are ~100-200 tokens with the 64 image slots: each step is cut to the shortest bucket that holds
+    # its longest row instead of running 2048 positions (one compile per length used; docs/LOG.md).
+    c.data.length_buckets = (256, 512, 1024)
     # 256 rows per step on any device count: 8 rows per GPU per micro-batch (37.9 GiB on an H100 at sft), the
     # rest by accumulation (4 micro-batches on one 8-GPU host, 1 on four). The run log prints the split.
     c.data.batch_size, c.rows_per_device, c.global_batch_size = 0, 8, 256

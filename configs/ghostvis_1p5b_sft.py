@@ -24,6 +24,10 @@ def get_config():
     c.data.recipe = "vision_sft_minimal"
     c.data.datasets = dataset_slots(c.data.recipe)  # --config.data.datasets.NAME.path=… / .image_root=…
     c.data.max_length = 2048
+    # Each step is cut to the shortest bucket that holds the longest of its 256 rows (one compile per length used).
+    # With LLaVA conversations and SmolTalk in this mix most steps still need 2048; mixes of short-answer sets
+    # (VQA, charts) run at 512-1024 (docs/LOG.md).
+    c.data.length_buckets = (512, 1024)
     # 256 rows per step on any device count: 8 rows per GPU per micro-batch (37.9 GiB on an H100 at sft), the
     # rest by accumulation (4 micro-batches on one 8-GPU host, 1 on four). The run log prints the split.
     c.data.batch_size, c.rows_per_device, c.global_batch_size = 0, 8, 256

@@ -44,7 +44,8 @@ class ImageSpec:
 
 
 class PrepareExample(grain.transforms.RandomMap):
-    """conversation -> {input_ids, targets, loss_mask [T], pixel_values [n, H, W, 3], num_images, dataset}."""
+    """conversation -> {input_ids, targets, loss_mask [T], pixel_values [n, H, W, 3], num_images, length (tokens
+    before the padding), dataset}."""
 
     def __init__(self, tokenizer, image_spec: ImageSpec, num_image_tokens: int, max_length: int, *,
                  augment: bool = False, system_prompt: str | None = None):
@@ -75,7 +76,8 @@ class PrepareExample(grain.transforms.RandomMap):
         except ImageDecodeError:
             return {"skipped": "unreadable image", "dataset": name}
         row = chat.to_training_arrays(rendered, self.max_length, self.pad_id)
-        row.update(pixel_values=pixels, num_images=rendered.num_images, dataset=name)
+        row.update(pixel_values=pixels, num_images=rendered.num_images, length=len(rendered.input_ids),
+                   dataset=name)
         return row
 
 
@@ -165,6 +167,7 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
             "loss_mask": np.zeros((B, T), np.float32),
             "pixel_values": np.zeros((s.max_images, s.image_size, s.image_size, 3), np.float32),
             "num_images": np.zeros((B,), np.int32),
+            "lengths": np.zeros((B,), np.int32),  # tokens before the padding (0: an empty row)
         }
         k = 0
         for b, row in enumerate(rows):
@@ -173,6 +176,7 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
             n = row["num_images"]
             batch["pixel_values"][k:k + n] = row["pixel_values"]
             batch["num_images"][b] = n
+            batch["lengths"][b] = row["length"]
             k += n
             c = self._counts
             c["rows"][row["dataset"]] = c["rows"].get(row["dataset"], 0) + 1
@@ -197,6 +201,36 @@ class ImageBudgetBatchIterator(grain.DatasetIterator):
 
     def counts(self) -> dict[str, Any]:
         return _copy(self._counts)
+
+
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask")  # the batch arrays whose last axis is the token position
+
+
+def check_length_buckets(buckets, max_length: int) -> tuple[int, ...]:
+    """`length_buckets` as a tuple of increasing integers in (0, max_length), or a ValueError naming the key."""
+    out = tuple(buckets) if isinstance(buckets, (tuple, list)) else None
+    if (out is None or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in out)
+            or any(b <= 0 or b >= max_length for b in out) or list(out) != sorted(set(out))):
+        raise ValueError(f"length_buckets must be increasing integers between 0 and max_length ({max_length}), "
+                         f"exclusive, got {buckets!r}")
+    return tuple(int(b) for b in out)
+
+
+def bucket_length(needed: int, buckets, max_length: int) -> int:
+    """The shortest of `buckets` (then `max_length`) that holds `needed` tokens: the step's sequence length when
+    batches are cut to length buckets (each length compiles the step once)."""
+    if needed > max_length:
+        raise ValueError(f"a row of {needed} tokens is longer than max_length {max_length}")
+    return min([b for b in buckets if b >= needed] or [max_length])
+
+
+def trim_to_length(batch: dict[str, Any], length: int) -> dict[str, Any]:
+    """The batch with its token arrays cut to their first `length` positions. Only padding is cut: rows are padded
+    at the end, and `lengths` says where each row's tokens stop (a longer row is refused, never truncated)."""
+    longest = int(np.max(batch["lengths"], initial=0))
+    if longest > length:
+        raise ValueError(f"cannot cut the batch to {length} tokens: a row holds {longest}")
+    return {k: (v[..., :length] if k in TOKEN_KEYS else v) for k, v in batch.items()}
 
 
 def _copy(counts: dict[str, Any]) -> dict[str, Any]:

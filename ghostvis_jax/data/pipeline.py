@@ -6,7 +6,7 @@ Entry points for the trainer / eval:
   make_eval_iterator(data_config, tokenizer, model_config, *, process_index=None, process_count=None)
   eval_conversations(data_config, *, process_index=None, process_count=None, image_size=None)
 
-Both iterators yield the batch dict {input_ids, targets, loss_mask, pixel_values, num_images} (numpy; see
+Both iterators yield the batch dict {input_ids, targets, loss_mask, pixel_values, num_images, lengths} (numpy; see
 `batching.py`) and have `get_state()` (JSON-serializable) / `set_state()` / `counts()`.
 
 Data config (a plain dict or an ml_collections ConfigDict; every key optional, defaults in DEFAULT_DATA_CONFIG):
@@ -22,6 +22,9 @@ Data config (a plain dict or an ml_collections ConfigDict; every key optional, d
       num_examples       synthetic only: examples in the split (train default synthetic.num_examples)
   batch_size             rows per process per batch
   max_length             tokens per row (T)
+  length_buckets         shorter lengths a training step may be cut to (increasing, each < max_length; () for
+                         none): the trainer cuts each step's batch to the shortest that holds its longest row
+                         (batching.bucket_length), so short rows do not pay for max_length
   max_images_per_batch   B_img, image entries per batch (default: batch_size)
   augment                train-time random resized crop / flip where allowed / light color jitter
   system_prompt          optional system turn prepended to every conversation
@@ -45,7 +48,7 @@ import grain
 import numpy as np
 
 from ghostvis_jax.data import chat, mixing, recipes, synthetic
-from ghostvis_jax.data.batching import ImageBudgetBatchIterDataset, ImageSpec, PrepareExample
+from ghostvis_jax.data.batching import ImageBudgetBatchIterDataset, ImageSpec, PrepareExample, check_length_buckets
 from ghostvis_jax.data.sources import TaskSource
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ DEFAULT_DATA_CONFIG: dict[str, Any] = {
     "datasets": {},
     "batch_size": 8,
     "max_length": 256,
+    "length_buckets": (),
     "max_images_per_batch": None,
     "augment": False,
     "system_prompt": None,
@@ -92,6 +96,7 @@ def resolve_data_config(data_config: Any) -> dict[str, Any]:
     cfg["datasets"] = datasets
     if cfg["max_images_per_batch"] is None:
         cfg["max_images_per_batch"] = cfg["batch_size"]
+    cfg["length_buckets"] = check_length_buckets(cfg["length_buckets"], int(cfg["max_length"]))
     return cfg
 
 

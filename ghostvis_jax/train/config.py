@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The data pipeline's config (ghostvis_jax/data/pipeline.py documents every key).
     c.data = ml_collections.ConfigDict({
         "recipe": "vision_sft_minimal", "datasets": ml_collections.ConfigDict(), "batch_size": 8, "max_length": 2048,
+        # Shorter lengths a step's batch is cut to when its longest row fits (one compile each); () = always
+        # max_length. The 1.5B configs set their own.
+        "length_buckets": (),
         "max_images_per_batch": ml_collections.FieldReference(None, field_type=int), "augment": False,
         "num_threads": 8, "worker_count": 0, "cache_dir": "",
         "synthetic": ml_collections.ConfigDict({"num_examples": 20000, "eval_examples": 500, "seed": 0,
@@ -156,6 +159,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     for key in ("batch_size", "max_length"):
         if not isinstance(c.data[key], int) or c.data[key] <= 0:
             raise ConfigError(f"config.data.{key} must be a positive integer, got {c.data[key]!r}")
+    from ghostvis_jax.data.batching import check_length_buckets  # imports grain: only where a run is validated
+
+    try:
+        check_length_buckets(c.data.length_buckets, c.data.max_length)
+    except ValueError as e:
+        raise ConfigError(f"config.data.{e}") from None
     try:
         data, fsdp, _ = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
     except ValueError as e:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from ghostvis_jax import checkpoint, sharding
 from ghostvis_jax.config import GhostVisConfig, preset
@@ -94,10 +95,39 @@ def _data_config(cfg) -> dict:
     return data
 
 
+def step_length(batches: list[dict], buckets: tuple[int, ...], max_length: int) -> int:
+    """A step's tokens per row: max_length, or with length buckets the shortest that holds the longest row of the
+    step's batches on every process (one scalar all-gather per step when there are several)."""
+    if not buckets:
+        return max_length
+    from ghostvis_jax.data.batching import bucket_length
+
+    needed = max(int(np.max(b["lengths"], initial=0)) for b in batches)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        needed = int(np.max(multihost_utils.process_allgather(np.int32(needed))))
+    return bucket_length(needed, buckets, max_length)
+
+
 def _global_batch(mesh, local: dict, *, micro_axis: bool) -> dict:
     lead = 1 if micro_axis else 0
     return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, leading_unsharded=lead), v)
             for k, v in local.items()}
+
+
+class _Window:
+    """What the steps since the last logged one processed, all processes together."""
+
+    def __init__(self):
+        self.images = self.positions = self.tokens = 0
+        self.flops = 0.0
+
+    def add(self, *, images: int, positions: int, tokens: int, flops: float) -> None:
+        self.images += images
+        self.positions += positions
+        self.tokens += tokens
+        self.flops += flops
 
 
 class _StopFlag:
@@ -121,6 +151,7 @@ class _StopFlag:
 
 
 def evaluate(setup, cfg, tokenizer, model_config) -> float:
+    from ghostvis_jax.data.batching import trim_to_length
     from ghostvis_jax.data.pipeline import make_eval_iterator
 
     it = make_eval_iterator(_data_config(cfg), tokenizer, model_config)
@@ -128,6 +159,7 @@ def evaluate(setup, cfg, tokenizer, model_config) -> float:
     for i, batch in enumerate(it):
         if i >= cfg.eval_batches:
             break
+        batch = trim_to_length(batch, step_length([batch], tuple(cfg.data.length_buckets), cfg.data.max_length))
         local = {k: batch[k] for k in ("input_ids", "targets", "loss_mask", "pixel_values")}
         with jax.set_mesh(setup.mesh):
             loss_sum, n = setup.eval_step(setup.state["params"], setup.frozen,
@@ -152,6 +184,7 @@ def run(cfg) -> dict[str, Any]:
     validate(cfg, jax.device_count(), jax.process_count())
     from transformers import AutoTokenizer
 
+    from ghostvis_jax.data.batching import trim_to_length
     from ghostvis_jax.data.pipeline import make_train_iterator
 
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -185,36 +218,60 @@ def run(cfg) -> dict[str, Any]:
         with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
 
-    def next_batch():
-        micro = [next(data_it) for _ in range(cfg.grad_accum_steps)]
-        images = int(sum(int(mb["num_images"].sum()) for mb in micro))
-        return _global_batch(mesh, stack_micro_batches(micro), micro_axis=True), images
+    buckets = tuple(cfg.data.length_buckets)
 
-    batch, images = next_batch()
-    t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    rows, seq = batch["input_ids"].shape[1] * cfg.grad_accum_steps, batch["input_ids"].shape[2]
-    run_log.message(f"train step compiled in {compile_s:.1f} s; mesh {dict(mesh.shape)}; "
-                    f"{jax.device_count()} devices, {jax.process_count()} processes; {rows} rows per step = "
-                    f"{cfg.grad_accum_steps} micro-batch(es) of {batch['input_ids'].shape[1]}")
+    def next_batch():
+        """(global batch, images in it, tokens before the padding in it), all processes' rows"""
+        micro = [next(data_it) for _ in range(cfg.grad_accum_steps)]
+        length = step_length(micro, buckets, cfg.data.max_length)
+        images = int(sum(int(mb["num_images"].sum()) for mb in micro))
+        tokens = int(sum(int(mb["lengths"].sum()) for mb in micro))
+        local = stack_micro_batches([trim_to_length(mb, length) for mb in micro])
+        return _global_batch(mesh, local, micro_axis=True), images, tokens
+
+    compiled_steps: dict[int, Any] = {}  # tokens per row -> the train step compiled for that length
+    compile_s: dict[int, float] = {}
+
+    def compile_for(batch) -> float:
+        seq, t0 = batch["input_ids"].shape[2], time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled_steps[seq] = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
+        compile_s[seq] = time.perf_counter() - t0
+        if len(compile_s) == 1:
+            run_log.message(f"train step compiled in {compile_s[seq]:.1f} s; mesh {dict(mesh.shape)}; "
+                            f"{jax.device_count()} devices, {jax.process_count()} processes; {rows} rows per step "
+                            f"= {cfg.grad_accum_steps} micro-batch(es) of {batch['input_ids'].shape[1]}"
+                            + (f"; {seq} tokens per row (length buckets {buckets + (cfg.data.max_length,)})"
+                               if buckets else ""))
+        else:
+            run_log.message(f"train step compiled for {seq} tokens per row in {compile_s[seq]:.1f} s")
+        return compile_s[seq]
+
+    batch, images, tokens = next_batch()
+    rows = batch["input_ids"].shape[1] * cfg.grad_accum_steps  # all processes' rows: the batch is global
+    compile_for(batch)
     on_gpu = jax.default_backend() == "gpu"
 
     step = int(setup.state["step"])
     first_step = step
     last_saved, stopped_by = latest, None
-    window_t, window_steps, window_images = time.perf_counter(), 0, 0
+    window_t, window = time.perf_counter(), _Window()
     shown: dict = {}
     with _StopFlag() as stop:
         while step < cfg.num_steps:
-            setup.state, metrics = compiled(setup.state, setup.frozen, batch)
+            seq = batch["input_ids"].shape[2]
+            if seq not in compiled_steps:  # a length not seen yet: its compile is not counted as training time
+                window_t += compile_for(batch)
+            setup.state, metrics = compiled_steps[seq](setup.state, setup.frozen, batch)
             step += 1
             m = jax.device_get(metrics)
             bad_streak = int(setup.state["bad_streak"])
-            window_steps, window_images = window_steps + 1, window_images + images
+            pc = jax.process_count()  # images and tokens are this process's, taken as every process's
+            window.add(images=images * pc, positions=rows * seq, tokens=tokens * pc,
+                       flops=train_step_flops(model_config, stage=cfg.stage, batch=rows, seq=seq,
+                                              num_images=images * pc, trainable_layers=cfg.num_trainable_layers))
             record = {"kind": "train", "step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                      "loss_tokens": float(m["loss_tokens"]), "finite": bool(m["finite"])}
+                      "loss_tokens": float(m["loss_tokens"]), "finite": bool(m["finite"]), "seq_len": seq}
             if not m["finite"]:
                 run_log.message(f"step {step}: non-finite loss or gradient — update skipped "
                                 f"({int(setup.state['skipped'])} skipped so far)")
@@ -225,17 +282,16 @@ def run(cfg) -> dict[str, Any]:
                         f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 dt = time.perf_counter() - window_t
-                record.update(tokens_per_s=window_steps * rows * seq * jax.process_count() / dt,
-                              images_per_s=window_images * jax.process_count() / dt,
+                # Positions per second (padding included, as the benchmark counts them); token_fill: the share of
+                # them that are real tokens (what length buckets raise).
+                record.update(tokens_per_s=window.positions / dt, images_per_s=window.images / dt,
+                              token_fill=window.tokens / max(window.positions, 1),
                               lr={g: float(s(step)) for g, s in _schedules(cfg).items()},
                               skipped=int(setup.state["skipped"]))
                 if on_gpu:
-                    flops = train_step_flops(model_config, stage=cfg.stage, batch=rows * jax.process_count(),
-                                             seq=seq, num_images=images * jax.process_count(),
-                                             trainable_layers=cfg.num_trainable_layers)
-                    record["mfu"] = flops * window_steps / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
+                    record["mfu"] = window.flops / dt / (cfg.peak_tflops * 1e12 * jax.device_count())
                     record["peak_gib_per_device"] = peak_memory_gib()
-                window_t, window_steps, window_images = time.perf_counter(), 0, 0
+                window_t, window = time.perf_counter(), _Window()
             run_log.write(record)
             if "tokens_per_s" in record:
                 shown = {"tok/s": record["tokens_per_s"], "img/s": record["images_per_s"],
@@ -259,14 +315,15 @@ def run(cfg) -> dict[str, Any]:
             if step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
                 ckpt.save(step, setup.state, data_it.get_state(), _meta(cfg, step))
                 last_saved = step
-            batch, images = next_batch()
+            batch, images, tokens = next_batch()
 
     if last_saved != step:
         ckpt.save(step, setup.state, data_it.get_state(), _meta(cfg, step))
     ckpt.close()
     run_log.close()
-    summary = {"step": step, "skipped_updates": int(setup.state["skipped"]), "compile_s": compile_s,
-               "failed_checkpoint_saves": ckpt.failed_saves, "data": data_it.counts()}
+    summary = {"step": step, "skipped_updates": int(setup.state["skipped"]), "compile_s": sum(compile_s.values()),
+               "compile_s_per_length": compile_s, "failed_checkpoint_saves": ckpt.failed_saves,
+               "data": data_it.counts()}
     saved = ckpt.latest_step()
     if stopped_by:
         summary["stopped_by"] = stopped_by

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ghostvis_jax.data import pipeline
-from ghostvis_jax.data.batching import ImageBudgetBatchIterDataset
+from ghostvis_jax.data.batching import (ImageBudgetBatchIterDataset, bucket_length, check_length_buckets,
+                                        trim_to_length)
 
 DATA = {"recipe": "synthetic_sft", "batch_size": 4, "max_length": 48, "num_threads": 2,
         "prefetch_buffer_size": 4, "token_estimate_samples": 32,
@@ -39,6 +40,35 @@ def test_batch_contract(tokenizer, tiny_model_config):
     np.testing.assert_array_equal(b["targets"][:, :-1], b["input_ids"][:, 1:])
     assert (b["loss_mask"][b["targets"] == image_pad] == 0).all()
     assert (b["loss_mask"].sum(1) > 0).all()
+    pad = tokenizer.pad_token_id
+    for row, n in zip(b["input_ids"], b["lengths"]):  # lengths: where each row's tokens stop
+        assert 4 < n < 48 and row[n - 1] != pad and (row[n:] == pad).all()
+    assert all((m[n - 1:] == 0).all() for m, n in zip(b["loss_mask"], b["lengths"]))
+
+
+def test_length_buckets_cut_only_padding():
+    assert [bucket_length(n, (16, 32), 48) for n in (1, 16, 17, 32, 33, 48)] == [16, 16, 32, 32, 48, 48]
+    assert bucket_length(20, (), 48) == 48
+    with pytest.raises(ValueError, match="a row of 49 tokens is longer than max_length 48"):
+        bucket_length(49, (16, 32), 48)
+    batch = {"input_ids": np.arange(24).reshape(2, 12), "targets": np.ones((2, 12)), "loss_mask": np.ones((2, 12)),
+             "pixel_values": np.zeros((3, 2, 2, 3)), "num_images": np.array([1, 2]), "lengths": np.array([5, 8])}
+    cut = trim_to_length(batch, 8)
+    assert {k: v.shape for k, v in cut.items() if v.ndim == 2} == {"input_ids": (2, 8), "targets": (2, 8),
+                                                                   "loss_mask": (2, 8)}
+    np.testing.assert_array_equal(cut["input_ids"], batch["input_ids"][:, :8])
+    assert cut["pixel_values"] is batch["pixel_values"] and cut["lengths"] is batch["lengths"]
+    with pytest.raises(ValueError, match="cannot cut the batch to 7 tokens: a row holds 8"):
+        trim_to_length(batch, 7)
+
+
+@pytest.mark.parametrize("buckets", [(64,), (32, 16), (16, 16), (0, 16), (16.5,), "16", (True,)])
+def test_bad_length_buckets_are_refused_by_name(buckets):
+    with pytest.raises(ValueError, match=r"length_buckets must be increasing integers .*max_length \(64\)"):
+        check_length_buckets(buckets, 64)
+    with pytest.raises(ValueError, match="length_buckets"):
+        pipeline.resolve_data_config(dict(DATA, max_length=64, length_buckets=buckets))
+    assert check_length_buckets([16, np.int64(32)], 64) == (16, 32)
 
 
 def test_same_seed_same_batches_and_other_seed_differs(tokenizer, tiny_model_config):
@@ -159,7 +189,7 @@ def _rows(n_rows=40, T=6, H=2):
                     "loss_mask": np.ones((T,), np.float32),
                     "pixel_values": np.stack([np.full((H, H, 3), r * 10 + j, np.float32) for j in range(n)])
                     if n else np.zeros((0, H, H, 3), np.float32),
-                    "num_images": n, "dataset": "fixture"})
+                    "num_images": n, "length": T, "dataset": "fixture"})
     return out
 
 

@@ -87,6 +87,27 @@ def test_resume_with_another_batch_split_continues_the_run(stopped_and_resumed, 
     np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
 
 
+def test_length_buckets_train_the_same_steps_on_fewer_positions(stopped_and_resumed):
+    """The unbucketed run's step-3 checkpoint resumed with length buckets (rows here hold 30-37 tokens of 64): each
+    step runs at the shortest bucket holding its rows, one compile per length, and steps 4-6 lose what the
+    unbucketed run lost."""
+    bucketed = str(stopped_and_resumed["tmp"] / "bucketed")
+    shutil.copytree(str(stopped_and_resumed["tmp"] / "step3"), os.path.join(bucketed, "checkpoints", "3"))
+    out = run(tiny_train_config(bucketed, resume=True, grad_accum_steps=2, log_every=1, eval_every=5,
+                                **{"data.length_buckets": (35, 48)}))
+    records = [json.loads(x) for x in open(os.path.join(bucketed, "metrics.jsonl"))]
+    train = [r for r in records if r["kind"] == "train"]
+    used = {r["seq_len"] for r in train}
+    assert used <= {35, 48} and set(out["compile_s_per_length"]) == used
+    assert all(0.6 < r["token_fill"] <= 1.0 for r in train)  # 30-37 real tokens of 35 or 48 positions
+    unbucketed = [json.loads(x) for x in open(os.path.join(stopped_and_resumed["straight"], "metrics.jsonl"))]
+    assert {r["seq_len"] for r in unbucketed if r["kind"] == "train"} == {64}
+    assert all(r["token_fill"] < 0.6 for r in unbucketed if "token_fill" in r)
+    want, got = _losses(stopped_and_resumed["straight"]), _losses(bucketed)
+    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [5]  # held-out batches are cut the same way
+
+
 @pytest.mark.parametrize("change,named", [
     ({"num_trainable_layers": 2}, "num_trainable_layers: 1 -> 2"),                    # another tree
     ({"model.llm.intermediate_size": 96}, "model.llm.intermediate_size: 128 -> 96"),  # other shapes
@@ -162,6 +183,7 @@ def test_cli_unknown_key_and_missing_checkpoint_fail_before_compiling(tmp_path):
     ({"num_steps": 0}, r"config.num_steps must be a positive integer"),
     ({"stage": "pretrain"}, r"config.stage must be one of"),
     ({"data.max_images_per_batch": 4}, r"max_images_per_batch=4 .* not divisible"),
+    ({"data.length_buckets": (32, 64)}, r"config.data.length_buckets must be increasing integers .*\(64\)"),
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
