@@ -49,7 +49,8 @@ def run(cmd: list[str], timeout: float, gpu: str | None = None) -> list[dict]:
 
 def key(r: dict) -> tuple:
     vision = r.get("vision") if r["bench"] in ("vision", "train-sft", "train-align") else None
-    return (r["bench"], vision, r.get("batch"), r.get("devices", 1))
+    seq = r.get("seq") if r["bench"].startswith("train") else None
+    return (r["bench"], vision, r.get("batch"), seq, r.get("devices", 1))
 
 
 def main() -> int:
@@ -116,6 +117,8 @@ def print_table(results: list[dict]) -> None:
             continue
         p = peer.get(key(r))
         name = f"{r['bench']} {key(r)[1] or ''} b{r.get('batch')}".replace("  ", " ")
+        if key(r)[3] not in (None, 2048):
+            name += f" T{key(r)[3]}"
         if r.get("devices", 1) > 1:
             name += f" x{r['devices']}gpu"
         if r.get("xla_flags"):
