@@ -257,6 +257,7 @@ def run(cfg) -> dict[str, Any]:
     last_saved, stopped_by = latest, None
     window_t, window = time.perf_counter(), _Window()
     shown: dict = {}
+    data_counts = data_it.counts()
     with _StopFlag() as stop:
         while step < cfg.num_steps:
             seq = batch["input_ids"].shape[2]
@@ -264,6 +265,10 @@ def run(cfg) -> dict[str, Any]:
                 window_t += compile_for(batch)
             setup.state, metrics = compiled_steps[seq](setup.state, setup.frozen, batch)
             step += 1
+            # The step runs on the devices while the host reads and places the next batch; a checkpoint of this
+            # step takes the data state from before that read.
+            data_state, data_counts = data_it.get_state(), data_it.counts()
+            upcoming = next_batch() if step < cfg.num_steps else None
             m = jax.device_get(metrics)
             bad_streak = int(setup.state["bad_streak"])
             pc = jax.process_count()  # images and tokens are this process's, taken as every process's
@@ -313,17 +318,18 @@ def run(cfg) -> dict[str, Any]:
                 stopped_by = f"max_steps_per_run={cfg.max_steps_per_run}"
                 break
             if step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
-                ckpt.save(step, setup.state, data_it.get_state(), _meta(cfg, step))
+                ckpt.save(step, setup.state, data_state, _meta(cfg, step))
                 last_saved = step
-            batch, images, tokens = next_batch()
+            if upcoming is not None:
+                batch, images, tokens = upcoming
 
     if last_saved != step:
-        ckpt.save(step, setup.state, data_it.get_state(), _meta(cfg, step))
+        ckpt.save(step, setup.state, data_state, _meta(cfg, step))
     ckpt.close()
     run_log.close()
     summary = {"step": step, "skipped_updates": int(setup.state["skipped"]), "compile_s": sum(compile_s.values()),
                "compile_s_per_length": compile_s, "failed_checkpoint_saves": ckpt.failed_saves,
-               "data": data_it.counts()}
+               "data": data_counts}
     saved = ckpt.latest_step()
     if stopped_by:
         summary["stopped_by"] = stopped_by
