@@ -25,6 +25,10 @@ Data config (a plain dict or an ml_collections ConfigDict; every key optional, d
   length_buckets         shorter lengths a training step may be cut to (increasing, each < max_length; () for
                          none): the trainer cuts each step's batch to the shortest that holds its longest row
                          (batching.bucket_length), so short rows do not pay for max_length
+  length_group_steps     0: rows in stream order. N: rows regrouped by length within windows of N steps
+                         (length_grouping.py), so that a step's rows have similar lengths
+  rows_per_step          rows this process gives one step (default batch_size; the trainer sets batch_size x
+                         grad_accum_steps): the chunk that length grouping keeps together
   max_images_per_batch   B_img, image entries per batch (default: batch_size)
   augment                train-time random resized crop / flip where allowed / light color jitter
   system_prompt          optional system turn prepended to every conversation
@@ -49,6 +53,7 @@ import numpy as np
 
 from ghostvis_jax.data import chat, mixing, recipes, synthetic
 from ghostvis_jax.data.batching import ImageBudgetBatchIterDataset, ImageSpec, PrepareExample, check_length_buckets
+from ghostvis_jax.data.length_grouping import LengthGroupedIterDataset
 from ghostvis_jax.data.sources import TaskSource
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,8 @@ DEFAULT_DATA_CONFIG: dict[str, Any] = {
     "batch_size": 8,
     "max_length": 256,
     "length_buckets": (),
+    "length_group_steps": 0,
+    "rows_per_step": None,
     "max_images_per_batch": None,
     "augment": False,
     "system_prompt": None,
@@ -97,6 +104,10 @@ def resolve_data_config(data_config: Any) -> dict[str, Any]:
     if cfg["max_images_per_batch"] is None:
         cfg["max_images_per_batch"] = cfg["batch_size"]
     cfg["length_buckets"] = check_length_buckets(cfg["length_buckets"], int(cfg["max_length"]))
+    for key in ("length_group_steps", "rows_per_step"):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
     return cfg
 
 
@@ -210,12 +221,20 @@ def make_train_iterator(data_config: Any, tokenizer, model_config, *, seed: int,
                                   process_count=process_count, image_size=image_spec.image_size)
     prepare = PrepareExample(tokenizer, image_spec, num_image_tokens, cfg["max_length"], augment=cfg["augment"],
                              system_prompt=cfg["system_prompt"])
-    ds = _to_iter(mixture.random_map(prepare, seed=seed), cfg)
+    group_steps = int(cfg["length_group_steps"])
+    chunk = int(cfg["rows_per_step"] or cfg["batch_size"])
+    # A window is read all at once: the read threads may prepare up to a window ahead, so the next window is
+    # being prepared while this one trains (not all at the window's first step).
+    read_ahead = dict(cfg, prefetch_buffer_size=max(int(cfg["prefetch_buffer_size"]), group_steps * chunk))
+    ds = _to_iter(mixture.random_map(prepare, seed=seed), read_ahead)
+    if group_steps:
+        ds = LengthGroupedIterDataset(ds, window_rows=group_steps * chunk, chunk_rows=chunk, seed=seed)
     # What fixes the stream of rows, not how they are grouped into batches: a run may resume with another
     # batch_size (another device count, the same rows per step through gradient accumulation). The batcher's
     # saved state is the row stream's position before any carried-over row, so a regrouping reads every row once.
     fingerprint = _fingerprint([cfg["datasets"], cfg["max_length"], cfg["synthetic"], seed, process_index,
-                                process_count, num_image_tokens, image_spec.image_size])
+                                process_count, num_image_tokens, image_spec.image_size]
+                               + (["length grouping"] if group_steps else []))  # another state layout
     # Checkpoints written before 2026-11-26 fingerprinted the batch shape too: they resume with that same shape.
     with_batch_shape = _fingerprint([cfg["datasets"], cfg["batch_size"], cfg["max_length"],
                                      cfg["max_images_per_batch"], cfg["synthetic"], seed, process_index,
@@ -223,7 +242,7 @@ def make_train_iterator(data_config: Any, tokenizer, model_config, *, seed: int,
     batched = ImageBudgetBatchIterDataset(ds, batch_size=cfg["batch_size"], max_images=cfg["max_images_per_batch"],
                                           max_length=cfg["max_length"], image_size=image_spec.image_size,
                                           pad_id=prepare.pad_id, fingerprint=fingerprint,
-                                          also_accepts=(with_batch_shape,))
+                                          also_accepts=() if group_steps else (with_batch_shape,))
     return DataIterator(batched, info)
 
 

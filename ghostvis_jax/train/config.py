@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Shorter lengths a step's batch is cut to when its longest row fits (one compile each); () = always
         # max_length. The 1.5B configs set their own.
         "length_buckets": (),
+        # N > 0: rows regrouped by length within windows of N steps, so a step's rows have similar lengths and its
+        # bucket is short more often (data/length_grouping.py; the window's rows are held in host memory).
+        "length_group_steps": 0,
         "max_images_per_batch": ml_collections.FieldReference(None, field_type=int), "augment": False,
         "num_threads": 8, "worker_count": 0, "cache_dir": "",
         "synthetic": ml_collections.ConfigDict({"num_examples": 20000, "eval_examples": 500, "seed": 0,
@@ -165,6 +168,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         check_length_buckets(c.data.length_buckets, c.data.max_length)
     except ValueError as e:
         raise ConfigError(f"config.data.{e}") from None
+    if not isinstance(c.data.length_group_steps, int) or c.data.length_group_steps < 0:
+        raise ConfigError(f"config.data.length_group_steps must be an integer >= 0, got {c.data.length_group_steps!r}")
     try:
         data, fsdp, _ = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
     except ValueError as e:

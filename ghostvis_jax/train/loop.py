@@ -92,6 +92,7 @@ def _data_config(cfg) -> dict:
     # --config.data.recipe=synthetic_pretrain on a config with real-data slots trains on that recipe alone).
     given = {name: {k: v for k, v in spec.items() if v != ""} for name, spec in (data.get("datasets") or {}).items()}
     data["datasets"] = {name: spec for name, spec in given.items() if spec}
+    data["rows_per_step"] = cfg.data.batch_size * cfg.grad_accum_steps  # what length grouping keeps together
     return data
 
 

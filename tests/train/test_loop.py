@@ -184,6 +184,7 @@ def test_cli_unknown_key_and_missing_checkpoint_fail_before_compiling(tmp_path):
     ({"stage": "pretrain"}, r"config.stage must be one of"),
     ({"data.max_images_per_batch": 4}, r"max_images_per_batch=4 .* not divisible"),
     ({"data.length_buckets": (32, 64)}, r"config.data.length_buckets must be increasing integers .*\(64\)"),
+    ({"data.length_group_steps": -1}, r"config.data.length_group_steps must be an integer >= 0, got -1"),
 ])
 def test_bad_configs_are_refused_by_name(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
