@@ -187,25 +187,3 @@ def test_remat_policy_changes_memory_not_numbers():
     assert remat.graphdef != plain.graphdef  # the policy is part of the compiled model
     np.testing.assert_allclose(_run(plain, batches), _run(remat, batches), rtol=1e-6)
 
-
-def test_a_batch_cut_to_its_length_bucket_trains_as_the_padded_one():
-    """Length buckets cut trailing padding (loss_mask 0) off a step's rows: the same losses and updates."""
-    from ghostvis_jax.data.batching import trim_to_length
-
-    rng = np.random.default_rng(1)
-    batches = []
-    for seed in range(2):
-        b = random_batch(seed, rows=8, length=16)
-        b["lengths"] = rng.integers(8, 13, size=8).astype(np.int32)
-        for r, n in enumerate(b["lengths"]):
-            b["input_ids"][r, n:], b["targets"][r, n - 1:], b["loss_mask"][r, n - 1:] = 0, 0, 0.0
-        batches.append(b)
-    results = []
-    for cut in (16, 12):
-        setup = train_setup.build(tiny_model_config(), _cfg(), sharding.make_mesh(fsdp=-1), total_steps=10)
-        results.append((_run(setup, [[trim_to_length(b, cut)] for b in batches]), _flat(setup.state["params"])))
-    (l16, p16), (l12, p12) = results
-    np.testing.assert_allclose(l16, l12, rtol=1e-6)
-    assert l16[1] != l16[0]
-    for k in p16:
-        np.testing.assert_allclose(p16[k], p12[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
