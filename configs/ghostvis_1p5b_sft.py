@@ -24,12 +24,14 @@ def get_config():
     c.data.recipe = "vision_sft_minimal"
     c.data.datasets = dataset_slots(c.data.recipe)  # --config.data.datasets.NAME.path=… / .image_root=…
     c.data.max_length = 2048
-    # Each step is cut to the shortest bucket that holds the longest of its 256 rows (one compile per length used).
-    # The token-balanced mix draws many short VQA rows and a few long conversations, so rows are regrouped by
-    # length within windows of 4 steps, which makes steps of short rows only common (a window's rows and the next
-    # window read ahead wait in host memory: ~1.6 GB of float32 pixels per 8-GPU host at 256 px).
+    # Each step is cut to the shortest bucket that holds the longest of its 256 rows (one compile per length used;
+    # the same losses as at 2048). This mix draws many short VQA rows and a few long conversations, so most steps
+    # still hold one long row. --config.data.length_group_steps=4 regroups rows by length within windows of 4
+    # steps, so steps of short rows only become common; but then a step's rows are no longer a sample of the
+    # token-balanced mix (short-answer sets fill whole steps, as with LLaVA-1.5's group_by_modality_length), so it
+    # is off here. Its window and the next one read ahead wait in host memory (~1.6 GB per 8-GPU host at 256 px).
     c.data.length_buckets = (256, 512, 1024)
-    c.data.length_group_steps = 4
+    c.data.length_group_steps = 0
     # 256 rows per step on any device count: 8 rows per GPU per micro-batch (37.9 GiB on an H100 at sft), the
     # rest by accumulation (4 micro-batches on one 8-GPU host, 1 on four). The run log prints the split.
     c.data.batch_size, c.rows_per_device, c.global_batch_size = 0, 8, 256
