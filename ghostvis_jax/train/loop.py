@@ -222,7 +222,9 @@ def run(cfg) -> dict[str, Any]:
     buckets = tuple(cfg.data.length_buckets)
 
     def next_batch():
-        """(global batch, images in it, tokens before the padding in it), all processes' rows"""
+        """(the global batch of all processes' rows, this process's images, this process's tokens before the
+        padding). With several processes the length's all-gather runs on the devices, after the step in flight:
+        the rows are read during that step, their stacking and transfer after it."""
         micro = [next(data_it) for _ in range(cfg.grad_accum_steps)]
         length = step_length(micro, buckets, cfg.data.max_length)
         images = int(sum(int(mb["num_images"].sum()) for mb in micro))
