@@ -233,6 +233,26 @@ def trim_to_length(batch: dict[str, Any], length: int) -> dict[str, Any]:
     return {k: (v[..., :length] if k in TOKEN_KEYS else v) for k, v in batch.items()}
 
 
+def join_batches(batches: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
+    """Consecutive batches joined f at a time, for the largest f <= most that divides their number: a step of rows
+    cut to a bucket f times shorter than max_length runs as f times fewer, larger micro-batches (the same tokens
+    per micro-batch, so about the same memory). Rows keep their order; each joined batch's real images come first,
+    in row order, and the blank padding images after them, so every row's slots still meet its own images."""
+    k = len(batches)
+    f = max(d for d in range(1, max(1, min(most, k)) + 1) if k % d == 0)
+    if f == 1:
+        return batches
+    joined = []
+    for group in (batches[i:i + f] for i in range(0, k, f)):
+        out = {key: np.concatenate([b[key] for b in group]) for key in group[0] if key != "pixel_values"}
+        pixels = group[0]["pixel_values"]
+        real = [b["pixel_values"][:int(b["num_images"].sum())] for b in group]
+        padding = np.zeros((f * len(pixels) - sum(len(r) for r in real), *pixels.shape[1:]), pixels.dtype)
+        out["pixel_values"] = np.concatenate([*real, padding])
+        joined.append(out)
+    return joined
+
+
 def _copy(counts: dict[str, Any]) -> dict[str, Any]:
     return {k: ({d: (dict(v) if isinstance(v, dict) else v) for d, v in val.items()} if isinstance(val, dict) else val)
             for k, val in counts.items()}

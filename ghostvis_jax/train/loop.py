@@ -185,7 +185,7 @@ def run(cfg) -> dict[str, Any]:
     validate(cfg, jax.device_count(), jax.process_count())
     from transformers import AutoTokenizer
 
-    from ghostvis_jax.data.batching import trim_to_length
+    from ghostvis_jax.data.batching import join_batches, trim_to_length
     from ghostvis_jax.data.pipeline import make_train_iterator
 
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -229,29 +229,29 @@ def run(cfg) -> dict[str, Any]:
         length = step_length(micro, buckets, cfg.data.max_length)
         images = int(sum(int(mb["num_images"].sum()) for mb in micro))
         tokens = int(sum(int(mb["lengths"].sum()) for mb in micro))
-        local = stack_micro_batches([trim_to_length(mb, length) for mb in micro])
-        return _global_batch(mesh, local, micro_axis=True), images, tokens
+        micro = join_batches([trim_to_length(mb, length) for mb in micro], cfg.data.max_length // length)
+        return _global_batch(mesh, stack_micro_batches(micro), micro_axis=True), images, tokens
 
     compiled_steps: dict[int, Any] = {}  # tokens per row -> the train step compiled for that length
     compile_s: dict[int, float] = {}
 
     def compile_for(batch) -> float:
-        seq, t0 = batch["input_ids"].shape[2], time.perf_counter()
+        (micro_batches, micro_rows, seq), t0 = batch["input_ids"].shape, time.perf_counter()
         with jax.set_mesh(mesh):
             compiled_steps[seq] = setup.train_step.lower(setup.state, setup.frozen, batch).compile()
         compile_s[seq] = time.perf_counter() - t0
+        split = f"{rows} rows per step = {micro_batches} micro-batch(es) of {micro_rows}"
         if len(compile_s) == 1:
             run_log.message(f"train step compiled in {compile_s[seq]:.1f} s; mesh {dict(mesh.shape)}; "
-                            f"{jax.device_count()} devices, {jax.process_count()} processes; {rows} rows per step "
-                            f"= {cfg.grad_accum_steps} micro-batch(es) of {batch['input_ids'].shape[1]}"
+                            f"{jax.device_count()} devices, {jax.process_count()} processes; {split}"
                             + (f"; {seq} tokens per row (length buckets {buckets + (cfg.data.max_length,)})"
                                if buckets else ""))
         else:
-            run_log.message(f"train step compiled for {seq} tokens per row in {compile_s[seq]:.1f} s")
+            run_log.message(f"train step compiled for {seq} tokens per row ({split}) in {compile_s[seq]:.1f} s")
         return compile_s[seq]
 
     batch, images, tokens = next_batch()
-    rows = batch["input_ids"].shape[1] * cfg.grad_accum_steps  # all processes' rows: the batch is global
+    rows = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]  # all processes' rows: the batch is global
     compile_for(batch)
     on_gpu = jax.default_backend() == "gpu"
 

@@ -8,7 +8,7 @@ import pytest
 
 from ghostvis_jax.data import pipeline
 from ghostvis_jax.data.batching import (ImageBudgetBatchIterDataset, bucket_length, check_length_buckets,
-                                        trim_to_length)
+                                        join_batches, trim_to_length)
 
 DATA = {"recipe": "synthetic_sft", "batch_size": 4, "max_length": 48, "num_threads": 2,
         "prefetch_buffer_size": 4, "token_estimate_samples": 32,
@@ -60,6 +60,26 @@ def test_length_buckets_cut_only_padding():
     assert cut["pixel_values"] is batch["pixel_values"] and cut["lengths"] is batch["lengths"]
     with pytest.raises(ValueError, match="cannot cut the batch to 7 tokens: a row holds 8"):
         trim_to_length(batch, 7)
+
+
+def test_joined_batches_keep_each_rows_images_with_it():
+    """Batches of 2 rows and an image budget of 2: the first holds one image and a blank, the second two. Joined,
+    the three real images come first, in row order (slots are filled in order), the blank last."""
+    def batch(row_ids, images):
+        n = np.array([len(i) for i in images], np.int32)
+        px = np.zeros((2, 1, 1, 3), np.float32)
+        px[:n.sum()] = np.array([v for i in images for v in i], np.float32).reshape(-1, 1, 1, 1)
+        return {"input_ids": np.array(row_ids)[:, None], "num_images": n, "lengths": np.ones(2, np.int32),
+                "pixel_values": px}
+
+    a, b, c, d = batch([0, 1], [[10], []]), batch([2, 3], [[20, 21], []]), batch([4, 5], []), batch([6, 7], [[], [70]])
+    first, second = join_batches([a, b, c, d], 2)
+    assert first["input_ids"][:, 0].tolist() == [0, 1, 2, 3] and first["num_images"].tolist() == [1, 0, 2, 0]
+    assert first["pixel_values"][:, 0, 0, 0].tolist() == [10, 20, 21, 0]
+    assert second["pixel_values"][:, 0, 0, 0].tolist() == [70, 0, 0, 0]
+    three = [a, b, c]
+    assert join_batches(three, 2) is three  # 2 does not divide 3: left as they are
+    assert len(join_batches([a, b, c, d], 8)) == 1 and len(join_batches([a, b, c, d], 3)) == 2
 
 
 @pytest.mark.parametrize("buckets", [(64,), (32, 16), (16, 16), (0, 16), (16.5,), "16", (True,)])

@@ -153,9 +153,15 @@ def test_frozen_parameters_bitwise_unchanged_and_optimizer_holds_only_trainable(
 
 
 def test_gradient_accumulation_equals_one_big_batch():
+    """Also what lets a step of short rows run as fewer, larger micro-batches: the two halves joined
+    (`batching.join_batches`) are exactly the big batch."""
+    from ghostvis_jax.data.batching import join_batches
+
     mesh = sharding.make_mesh(fsdp=-1)
     big = random_batch(7, rows=16)
     halves = [{k: v[:8] for k, v in big.items()}, {k: v[8:] for k, v in big.items()}]
+    (joined,) = join_batches(halves, 2)
+    assert joined.keys() == big.keys() and all(np.array_equal(joined[k], big[k]) for k in big)
     a = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
     la = _run(a, [halves, halves])
     b = train_setup.build(tiny_model_config(), _cfg(), mesh, total_steps=10)
