@@ -311,7 +311,9 @@ def run(cfg) -> dict[str, Any]:
                                 + " ".join(f"{k} {record[k]:.4g}" for k in ("tokens_per_s", "images_per_s", "mfu",
                                                                             "peak_gib_per_device") if k in record))
             if step % cfg.eval_every == 0:
+                eval_t = time.perf_counter()
                 eval_loss = evaluate(setup, cfg, tokenizer, model_config)
+                window_t += time.perf_counter() - eval_t  # held-out batches are not training throughput
                 run_log.write({"kind": "eval", "step": step, "eval_loss": eval_loss})
                 run_log.message(f"step {step}: held-out loss {eval_loss:.4f}")
             if stop.signal is not None:
