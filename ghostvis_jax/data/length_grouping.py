@@ -34,6 +34,13 @@ class LengthGroupedIterDataset(grain.IterDataset):
         return LengthGroupedIterator(self._parent.__iter__(), self)
 
 
+def check_group_steps(steps) -> int:
+    """`length_group_steps` as an int >= 0 (0: no grouping), or a ValueError naming the key."""
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"length_group_steps must be an integer >= 0, got {steps!r}")
+    return int(steps)
+
+
 def window_order(lengths: list[int], chunk_rows: int, seed: int, window_index: int) -> list[int]:
     """Indices of a window's rows: sorted by length (ties by position), cut into chunks of chunk_rows (the last
     may be short), the chunks in a random order fixed by (seed, window_index)."""

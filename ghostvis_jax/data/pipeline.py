@@ -53,7 +53,7 @@ import numpy as np
 
 from ghostvis_jax.data import chat, mixing, recipes, synthetic
 from ghostvis_jax.data.batching import ImageBudgetBatchIterDataset, ImageSpec, PrepareExample, check_length_buckets
-from ghostvis_jax.data.length_grouping import LengthGroupedIterDataset
+from ghostvis_jax.data.length_grouping import LengthGroupedIterDataset, check_group_steps
 from ghostvis_jax.data.sources import TaskSource
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ def resolve_data_config(data_config: Any) -> dict[str, Any]:
     if cfg["max_images_per_batch"] is None:
         cfg["max_images_per_batch"] = cfg["batch_size"]
     cfg["length_buckets"] = check_length_buckets(cfg["length_buckets"], int(cfg["max_length"]))
-    for key in ("length_group_steps", "rows_per_step"):
-        value = cfg[key]
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+    cfg["length_group_steps"] = check_group_steps(cfg["length_group_steps"])
+    rows = cfg["rows_per_step"]
+    if rows is not None and (not isinstance(rows, (int, np.integer)) or isinstance(rows, bool) or rows < 0):
+        raise ValueError(f"rows_per_step must be an integer >= 0, got {rows!r}")
     return cfg
 
 

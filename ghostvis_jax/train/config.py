@@ -163,13 +163,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         if not isinstance(c.data[key], int) or c.data[key] <= 0:
             raise ConfigError(f"config.data.{key} must be a positive integer, got {c.data[key]!r}")
     from ghostvis_jax.data.batching import check_length_buckets  # imports grain: only where a run is validated
+    from ghostvis_jax.data.length_grouping import check_group_steps
 
     try:
         check_length_buckets(c.data.length_buckets, c.data.max_length)
+        check_group_steps(c.data.length_group_steps)
     except ValueError as e:
         raise ConfigError(f"config.data.{e}") from None
-    if not isinstance(c.data.length_group_steps, int) or c.data.length_group_steps < 0:
-        raise ConfigError(f"config.data.length_group_steps must be an integer >= 0, got {c.data.length_group_steps!r}")
     try:
         data, fsdp, _ = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
     except ValueError as e:
