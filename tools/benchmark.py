@@ -82,7 +82,7 @@ def bench_train(args, stage: str) -> None:
     mcfg = model_config(args)
     c = base_config()
     c.stage, c.init, c.seed, c.num_trainable_layers = stage, "random", 0, args.unfreeze
-    c.remat, c.loss_chunk_size = args.remat, args.chunk
+    c.remat, c.loss_chunk_tokens = args.remat, args.chunk
     c.compute_dtype = args.compute_dtype
     if args.lr:
         c.optim.projector_lr = c.optim.resampler_lr = c.optim.llm_lr = args.lr
@@ -107,6 +107,9 @@ def bench_train(args, stage: str) -> None:
         size = mcfg.vision.image_size
         batch["pixel_values"] = rng.normal(size=(1, B, size, size, 3)).astype(np.float32)
         images = B
+    if args.loss_fraction < 1.0:  # a prompt before each answer: only the row's last positions carry a loss
+        start = 2 + N if stage != "full" else 0
+        mask[:, :, start:T - round((T - start) * args.loss_fraction)] = 0.0
     batch = {k: jax.device_put(v, s) for (k, v), s in
              zip(batch.items(), setup.batch_shardings(batch, micro_axis=True).values())}
     init_s = time.perf_counter() - t0
@@ -144,7 +147,7 @@ def bench_train(args, stage: str) -> None:
          init_s=round(init_s, 1), compile_s=round(compile_s, 1), loss=float(metrics["loss"]),
          compute_dtype=args.compute_dtype, swiglu_grad=args.swiglu_grad, qkv_split=args.qkv_split,
          loss_lse=args.loss_lse, rms_norm=args.rms_norm,
-         loss_chunk=args.chunk,
+         loss_chunk=args.chunk, loss_fraction=args.loss_fraction,
          **({"losses": losses} if args.losses else {}),
          device=jax.devices()[0].device_kind)
 
@@ -253,8 +256,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=192)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--remat", default="none", choices=sorted(train_setup.REMAT_POLICIES))
-    ap.add_argument("--chunk", type=int, default=base_config().loss_chunk_size,
-                    help="cross-entropy chunk (tokens per row; default: the trainer's)")
+    ap.add_argument("--chunk", type=int, default=base_config().loss_chunk_tokens,
+                    help="cross-entropy chunk (tokens of one device's rows; default: the trainer's)")
+    ap.add_argument("--loss-fraction", type=float, default=1.0,
+                    help="train: the share of each row's text positions that carry a loss, the last ones (a prompt "
+                         "before each answer; the peer's bench has 1.0)")
     ap.add_argument("--mesh-data", type=int, default=1)
     ap.add_argument("--mesh-fsdp", type=int, default=-1)
     ap.add_argument("--replicate-frozen", action="store_true",
@@ -293,6 +299,8 @@ def main() -> None:
                                        "print the GPU time summary (tools/trace_summary.py)")
     ap.add_argument("--profile-top", type=int, default=20)
     args = ap.parse_args()
+    if not 0.0 < args.loss_fraction <= 1.0:
+        ap.error(f"--loss-fraction must be in (0, 1], got {args.loss_fraction}")
     if args.unroll < 1:
         ap.error(f"--unroll must be >= 1, got {args.unroll}")
     if args.decode_splits < 0:

@@ -99,7 +99,7 @@ def split_by_labels(params: dict, labels: dict) -> tuple[dict, dict]:
 
 def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: int) -> TrainSetup:
     """cfg: the training ConfigDict (stage, num_trainable_layers, init, init_checkpoint, seed, compute_dtype,
-    frozen_param_dtype, remat, loss_chunk_size, mesh.shard_frozen, optim.*)."""
+    frozen_param_dtype, remat, loss_chunk_tokens, mesh.shard_frozen, optim.*)."""
     compute = DTYPES[cfg.compute_dtype]
     abstract = checkpoint.abstract_model(model_config, dtype=compute, param_dtype=jnp.float32)
     abstract.llm.remat_policy = REMAT_POLICIES[cfg.remat]
@@ -134,11 +134,11 @@ def build(model_config: GhostVisConfig, cfg: Any, mesh: Mesh, *, total_steps: in
 
     # Frozen parameters are not passed through the train step's outputs; the step reads them only.
     train_graphdef = nnx.split(abstract, optim.trainable_filter(**layer_kw), ...)[0]
-    step_fn = make_train_step(train_graphdef, tx, chunk_size=cfg.loss_chunk_size,
+    step_fn = make_train_step(train_graphdef, tx, chunk_tokens=cfg.loss_chunk_tokens,
                               dropout=model_config.projector.dropout > 0)
     train_step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, None), out_shardings=(state_sh, None),
                          donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(train_graphdef, chunk_size=cfg.loss_chunk_size),
+    eval_step = jax.jit(make_eval_step(train_graphdef, chunk_tokens=cfg.loss_chunk_tokens),
                         in_shardings=(trainable_sh, frozen_sh, None))
     del graphdef
     return TrainSetup(mesh=mesh, model_config=model_config, graphdef=train_graphdef, labels=labels, tx=tx,

@@ -21,21 +21,21 @@ from flax import nnx
 from ghostvis_jax.train.loss import chunked_cross_entropy
 
 
-def _loss_sum(graphdef, params, frozen, batch, rng, *, chunk_size: int, dropout: bool):
+def _loss_sum(graphdef, params, frozen, batch, rng, *, chunk_tokens: int, dropout: bool):
     model = nnx.merge(graphdef, params, frozen)
     dropout_rngs = nnx.Rngs(dropout=rng) if dropout else None
     pixel_values = batch.get("pixel_values")
     hidden, _ = model.hidden_states(batch["input_ids"], pixel_values, dropout_rngs=dropout_rngs)
-    return chunked_cross_entropy(model.llm.head_weight(), hidden, batch["targets"], batch["loss_mask"], chunk_size)
+    return chunked_cross_entropy(model.llm.head_weight(), hidden, batch["targets"], batch["loss_mask"], chunk_tokens)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: int = 2048,
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_tokens: int = 8192,
                     dropout: bool = False) -> Callable:
     def grad_of_micro(params, frozen, micro, rng, denom):
         # Dividing the loss (not the gradient) by the batch's loss-token count: the gradient comes out of the
         # backward pass already normalized, with no extra pass over a parameter-sized tree.
         def f(p):
-            loss_sum, count = _loss_sum(graphdef, p, frozen, micro, rng, chunk_size=chunk_size, dropout=dropout)
+            loss_sum, count = _loss_sum(graphdef, p, frozen, micro, rng, chunk_tokens=chunk_tokens, dropout=dropout)
             return loss_sum / denom, count
         (loss, count), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, count, grads
@@ -82,10 +82,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, chunk_size: i
     return train_step
 
 
-def make_eval_step(graphdef, *, chunk_size: int = 2048) -> Callable:
+def make_eval_step(graphdef, *, chunk_tokens: int = 8192) -> Callable:
     """(params, frozen, batch without micro axis) → (loss sum, loss-token count)."""
     def eval_step(params, frozen, batch):
-        return _loss_sum(graphdef, params, frozen, batch, None, chunk_size=chunk_size, dropout=False)
+        return _loss_sum(graphdef, params, frozen, batch, None, chunk_tokens=chunk_tokens, dropout=False)
 
     return eval_step
 

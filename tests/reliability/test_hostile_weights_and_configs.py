@@ -182,6 +182,8 @@ BAD_CONFIGS = [
     ({"global_batch_size": 20}, r"global_batch_size=20 is not a multiple of the rows per micro-batch, 8 "
                                 r"\(data.batch_size 8 x 1 processes\)"),
     ({"rows_per_device": -1}, r"config.rows_per_device must be an integer >= 0, got -1"),
+    ({"loss_chunk_tokens": 0}, r"config.loss_chunk_tokens must be a positive integer"),
+    ({"loss_chunk_size": 2048}, r"config.loss_chunk_size \(tokens per row\) was replaced by config.loss_chunk_tokens"),
 ]
 
 
