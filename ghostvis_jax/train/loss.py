@@ -10,8 +10,8 @@ matmuls.
 Most positions of a real batch carry no loss: image slots, prompts, the padding up to the step's length. So the
 tokens of each batch shard (the rows one device holds) are put in one stream, loss tokens first, and cut into
 chunks of `chunk_tokens`; a chunk past every shard's last loss token is skipped, forward and backward (a
-`lax.cond`: its saved logits are zero-filled, nothing else runs). Caption rows of ~30 loss tokens in a 256-token
-step run the head over a fraction of the step. Chunking also bounds the float32 temporaries of one chunk; the saved
+`lax.cond`: its saved logits are zero-filled, nothing else runs; a stream of one chunk runs as it is). Caption rows
+of ~30 loss tokens in a 256-token step run the head over a fraction of the step. Chunking also bounds the float32 temporaries of one chunk; the saved
 logits of all chunks together take tokens x vocab x 2 bytes (5 GB for 8 x 2048 tokens at the Qwen vocabulary).
 """
 
@@ -29,8 +29,8 @@ from ghostvis_jax.train.logsumexp import row_logsumexp
 
 @jax.custom_vjp
 def _chunk_nll(h, w, targets, mask, active):
-    """h [S, c, D] (compute dtype), w [V, D] (any float dtype), active: bool scalar → sum over the chunk of
-    mask * NLL (float32); 0 without running anything where not active."""
+    """h [S, c, D] (compute dtype), w [V, D] (any float dtype), active: bool scalar, or None (no skipping) → sum
+    over the chunk of mask * NLL (float32); 0 without running anything where not active."""
     return _chunk_fwd(h, w, targets, mask, active)[0]
 
 
@@ -45,7 +45,7 @@ def _chunk_fwd(h, w, targets, mask, active):
         return (jnp.zeros((), jnp.float32), jnp.zeros(h.shape[:-1] + w.shape[:1], h.dtype),
                 jnp.zeros(h.shape[:-1], jnp.float32))
 
-    total, logits, logz = jax.lax.cond(active, run, skip)
+    total, logits, logz = run() if active is None else jax.lax.cond(active, run, skip)
     return total, (h, w, targets, mask, active, logits, logz)
 
 
@@ -66,14 +66,14 @@ def _chunk_bwd(res, g):
     def skip():
         return jnp.zeros_like(h), (None if w_trained is None else jnp.zeros_like(w))
 
-    dh, dw = jax.lax.cond(active, run, skip)
+    dh, dw = run() if active is None else jax.lax.cond(active, run, skip)
     return dh, dw, None, None, None
 
 
 def _fwd_marking_head(h, w, targets, mask, active):
     """With symbolic zeros: `w.perturbed` says whether the head is trained; the residuals mark it by an empty
     array (trained) or None (frozen: the backward skips the weight-gradient matmul)."""
-    total, res = _chunk_fwd(*(a.value for a in (h, w, targets, mask, active)))
+    total, res = _chunk_fwd(*(a.value for a in (h, w, targets, mask)), None if active is None else active.value)
     return total, (res, jnp.zeros((0,)) if w.perturbed else None)
 
 
@@ -130,10 +130,11 @@ def chunked_cross_entropy(head_weight: jax.Array, hidden: jax.Array, targets: ja
         h = jax.lax.with_sharding_constraint(h, P(axes))
     chunk = min(chunk_tokens, length)
     n = -(-length // chunk)
-    if n > 1:
-        order, inverse = map_rows(_loss_first, masks)
-        h = _gather_positions(h, order, inverse)
-        targets, masks = map_rows(lambda o, *a: [jnp.take_along_axis(x, o, axis=1) for x in a], order, targets, masks)
+    if n == 1:  # nothing to skip: a batch with no loss token at all is rare enough to run
+        return _chunk_nll(h, head_weight, targets, masks, None), jnp.sum(masks)
+    order, inverse = map_rows(_loss_first, masks)
+    h = _gather_positions(h, order, inverse)
+    targets, masks = map_rows(lambda o, *a: [jnp.take_along_axis(x, o, axis=1) for x in a], order, targets, masks)
     pad = n * chunk - length
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
