@@ -11,8 +11,9 @@ Most positions of a real batch carry no loss: image slots, prompts, the padding 
 tokens of each batch shard (the rows one device holds) are put in one stream, loss tokens first, and cut into
 chunks of `chunk_tokens`; a chunk past every shard's last loss token is skipped, forward and backward (a
 `lax.cond`: its saved logits are zero-filled, nothing else runs; a stream of one chunk runs as it is). Caption rows
-of ~30 loss tokens in a 256-token step run the head over a fraction of the step. Chunking also bounds the float32 temporaries of one chunk; the saved
-logits of all chunks together take tokens x vocab x 2 bytes (5 GB for 8 x 2048 tokens at the Qwen vocabulary).
+of ~30 loss tokens in a 256-token step run the head over a fraction of the step. Chunking also bounds the float32
+temporaries of one chunk; the saved logits of all chunks together take tokens x vocab x 2 bytes (5 GB for 8 x 2048
+tokens at the Qwen vocabulary).
 """
 
 from __future__ import annotations
