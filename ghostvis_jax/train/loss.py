@@ -81,10 +81,14 @@ def _fwd_marking_head(h, w, targets, mask, active):
 _chunk_nll.defvjp(_fwd_marking_head, _chunk_bwd, symbolic_zeros=True)
 
 
+def _take_positions(x, order):
+    return map_rows(lambda a, o: jnp.take_along_axis(a, o[..., None], axis=1), x, order)
+
+
 @jax.custom_vjp
 def _gather_positions(x, order, inverse):
     """x [S, L, D] → x[s, order[s]]; its gradient gathers back by the inverse permutation (no scatter)."""
-    return map_rows(lambda a, o: jnp.take_along_axis(a, o[..., None], axis=1), x, order)
+    return _take_positions(x, order)
 
 
 def _gather_fwd(x, order, inverse):
@@ -92,7 +96,7 @@ def _gather_fwd(x, order, inverse):
 
 
 def _gather_bwd(inverse, g):
-    return map_rows(lambda a, o: jnp.take_along_axis(a, o[..., None], axis=1), g, inverse), None, None
+    return _take_positions(g, inverse), None, None
 
 
 _gather_positions.defvjp(_gather_fwd, _gather_bwd)
