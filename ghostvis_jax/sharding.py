@@ -109,15 +109,19 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
 
 
+def batch_shards(rows: int) -> int:
+    """How many parts `constrain_batch` splits `rows` batch rows into under the active mesh (1 with no mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes(rows, mesh))
+
+
 def rows_per_device(rows: int) -> int | None:
     """The rows of a batch-leading activation that each device holds under the active mesh (`constrain_batch`'s
     layout; all of them with no mesh), or None under tensor parallelism, where feature dims may be split too."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return rows
-    if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1:
+    if not mesh.empty and "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1:
         return None
-    return rows // math.prod(mesh.shape[a] for a in batch_axes(rows, mesh))
+    return rows // batch_shards(rows)
 
 
 def map_rows(fn, *arrays):

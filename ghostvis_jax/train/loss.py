@@ -18,13 +18,10 @@ tokens at the Qwen vocabulary).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from ghostvis_jax.sharding import batch_axes, map_rows
+from ghostvis_jax.sharding import batch_shards, constrain_batch, map_rows
 from ghostvis_jax.train.logsumexp import row_logsumexp
 
 
@@ -82,7 +79,8 @@ _chunk_nll.defvjp(_fwd_marking_head, _chunk_bwd, symbolic_zeros=True)
 
 
 def _take_positions(x, order):
-    return map_rows(lambda a, o: jnp.take_along_axis(a, o[..., None], axis=1), x, order)
+    """x [S, L, ...] → x[s, order[s]] for order [S, L], on each device's own rows."""
+    return map_rows(lambda a, o: jnp.take_along_axis(a, o.reshape(o.shape + (1,) * (a.ndim - 2)), axis=1), x, order)
 
 
 @jax.custom_vjp
@@ -108,13 +106,6 @@ def _loss_first(mask):
     return order, jnp.argsort(order, axis=1).astype(jnp.int32)
 
 
-def _batch_shards(rows: int) -> tuple[int, tuple[str, ...]]:
-    """How many devices hold the batch's rows (1 without a mesh), and the mesh axes they are split over."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else batch_axes(rows, mesh)
-    return (math.prod(mesh.shape[a] for a in axes) if axes else 1), axes
-
-
 def chunked_cross_entropy(head_weight: jax.Array, hidden: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                           chunk_tokens: int = 8192) -> tuple[jax.Array, jax.Array]:
     """Sum of per-token NLL over loss_mask, and the number of loss tokens.
@@ -125,21 +116,19 @@ def chunked_cross_entropy(head_weight: jax.Array, hidden: jax.Array, targets: ja
     token count.
     """
     b, t, d = hidden.shape
-    shards, axes = _batch_shards(b)
+    shards = batch_shards(b)
     length = (b // shards) * t
     # Each shard's rows as one stream: a reshape that keeps every device's rows where they are.
-    h = hidden.reshape(shards, length, d)
+    h = constrain_batch(hidden.reshape(shards, length, d))
     masks, targets = loss_mask.astype(jnp.float32).reshape(shards, length), targets.astype(jnp.int32).reshape(
         shards, length)
-    if axes:
-        h = jax.lax.with_sharding_constraint(h, P(axes))
     chunk = min(chunk_tokens, length)
     n = -(-length // chunk)
     if n == 1:  # nothing to skip: a batch with no loss token at all is rare enough to run
         return _chunk_nll(h, head_weight, targets, masks, None), jnp.sum(masks)
     order, inverse = map_rows(_loss_first, masks)
     h = _gather_positions(h, order, inverse)
-    targets, masks = map_rows(lambda o, *a: [jnp.take_along_axis(x, o, axis=1) for x in a], order, targets, masks)
+    targets, masks = _take_positions(targets, order), _take_positions(masks, order)
     pad = n * chunk - length
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
